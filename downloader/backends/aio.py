@@ -1,0 +1,83 @@
+"""asyncio: one aiohttp ClientSession with a sized connector, a fixed pool of worker tasks
+pulling from a bounded queue (memory O(concurrency), not O(n)), files written with
+aiofiles, thumbnails in a process pool via ``run_in_executor``, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+import aiohttp
+
+from ..jobs import Job
+from ..settings import Settings
+from ..thumbnails import ImageInfo, inspect_image
+from ..work import handle_async
+from .base import Emit
+from .pools import cpu_executor
+
+_DONE = None
+
+
+class AsyncioBackend:
+    name = "asyncio"
+
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+        run_event_loop(_main(jobs, settings, emit))
+
+
+def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run``, on uvloop when it is installed (the ``fast`` extra)."""
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        asyncio.run(coro)
+    else:  # pragma: no cover - optional
+        uvloop.run(coro)
+
+
+def new_client(settings: Settings) -> aiohttp.ClientSession:
+    http = settings.http
+    connector = aiohttp.TCPConnector(
+        limit=http.concurrency,
+        limit_per_host=http.per_host or http.concurrency,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector, headers={"User-Agent": http.user_agent}, trust_env=True
+    )
+
+
+async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+    concurrency = settings.http.concurrency
+    thumbs = settings.thumbnails
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
+
+    with cpu_executor(thumbs) as pool:
+
+        async def cpu(data: bytes) -> ImageInfo:
+            if pool is None:
+                return inspect_image(data, thumbs.size, thumbs.quality)
+            return await loop.run_in_executor(
+                pool, inspect_image, data, thumbs.size, thumbs.quality
+            )
+
+        async with new_client(settings) as session:
+
+            async def worker() -> None:
+                while (job := await queue.get()) is not _DONE:
+                    emit(await handle_async(session, job, settings, cpu))
+
+            async def feed() -> None:
+                for job in jobs:
+                    await queue.put(job)
+                for _ in range(concurrency):
+                    await queue.put(_DONE)
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(feed())
+                for _ in range(concurrency):
+                    group.create_task(worker())

@@ -1,0 +1,82 @@
+"""Executors shared by the backends: the process-start method and the CPU-stage pool."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from multiprocessing.context import BaseContext
+from typing import TypeVar
+
+from ..settings import ThumbnailSettings
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def mp_context() -> BaseContext:
+    """forkserver where there is one: children fork from a clean, single-threaded server
+    that has already imported the heavy modules, instead of forking a parent that runs
+    threads (progress bar, test servers) or paying a full interpreter start (spawn)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["downloader.work"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def cpu_executor(thumbnails: ThumbnailSettings) -> Iterator[Executor | None]:
+    """Where the CPU-bound thumbnail stage runs: a process pool, a thread pool, or inline
+    (None). Pillow releases the GIL while decoding and resizing, so threads parallelise
+    it too; processes also parallelise any pure-Python work around it."""
+    if thumbnails.executor == "inline":
+        yield None
+        return
+    pool: Executor
+    if thumbnails.executor == "process":
+        pool = ProcessPoolExecutor(cpu_count(), mp_context=mp_context())
+    else:
+        pool = ThreadPoolExecutor(cpu_count(), thread_name_prefix="thumbnail")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def bounded_map(
+    executor: Executor, fn: Callable[[T], R], items: Iterable[T], limit: int
+) -> Iterator[R]:
+    """``executor.map`` that pulls ``items`` lazily, keeps at most ``limit`` in flight and
+    yields results as they complete (not in order), so memory is O(limit), not O(n)."""
+    pending: set[Future[R]] = set()
+    try:
+        for item in items:
+            if len(pending) >= limit:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+            pending.add(executor.submit(fn, item))
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        for future in pending:
+            future.cancel()

@@ -1,0 +1,62 @@
+"""threads: a thread pool, one requests.Session per thread.
+
+Thumbnails run in the worker thread (Pillow releases the GIL while it decodes and
+resizes) unless ``thumbnails.executor = "process"``, which sends them to a process pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from ..fetch import new_session
+from ..jobs import Job
+from ..result import Result
+from ..settings import Settings
+from ..thumbnails import ImageInfo, inspect_image
+from ..work import CpuStage, handle_sync
+from .base import Emit
+from .pools import bounded_map, cpu_executor
+
+
+class ThreadsBackend:
+    name = "threads"
+
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+        local = threading.local()
+        sessions: list[requests.Session] = []
+        lock = threading.Lock()
+
+        def session() -> requests.Session:
+            current: requests.Session | None = getattr(local, "session", None)
+            if current is None:
+                current = local.session = new_session(settings.http)
+                with lock:
+                    sessions.append(current)
+            return current
+
+        thumbs = settings.thumbnails
+        # Threads already are a thread pool: only a process pool is worth adding.
+        use_pool = thumbs.executor == "process"
+        with cpu_executor(thumbs) if use_pool else contextlib.nullcontext() as pool:
+            cpu: CpuStage | None = None
+            if pool is not None:
+
+                def cpu(data: bytes) -> ImageInfo:
+                    return pool.submit(inspect_image, data, thumbs.size, thumbs.quality).result()
+
+            def work(job: Job) -> Result:
+                return handle_sync(session(), job, settings, cpu)
+
+            concurrency = settings.http.concurrency
+            try:
+                with ThreadPoolExecutor(concurrency, thread_name_prefix="download") as executor:
+                    for result in bounded_map(executor, work, jobs, 2 * concurrency):
+                        emit(result)
+            finally:
+                for s in sessions:
+                    s.close()

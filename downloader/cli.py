@@ -1,0 +1,181 @@
+"""The ``download`` command: turns options into Settings and calls the pipeline.
+
+Every error a user can cause is one line on stderr and exit code 2; per-image failures
+give exit code 1; an interrupted run exits 130.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError, StorageError
+from .settings import BACKENDS, Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_FAILURE_LINES = 10
+
+
+class App(click.Group):
+    """A click group whose errors are one line, never a traceback or a usage dump."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            code = EXIT_USAGE
+        except (ConfigError, StorageError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            code = EXIT_USAGE
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        width, height = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT like 640x480, got {value!r}") from None
+    return width, height
+
+
+def settings_from_options(options: dict[str, Any]) -> Settings:
+    """Flags -> dotted overrides -> layered Settings."""
+    size = _size(options.pop("size", None))
+    overrides: dict[str, Any] = {
+        "backend": options.get("backend"),
+        "count": options.get("count"),
+        "url": options.get("url"),
+        "out": options.get("out"),
+        "keywords": options.get("keywords"),
+        "local": True if options.get("local") else None,
+        "progress": False if options.get("quiet") else None,
+        "http.concurrency": options.get("concurrency"),
+        "http.timeout": options.get("timeout"),
+        "http.retries": options.get("retries"),
+        "thumbnails.size": options.get("thumbnail_size"),
+        "server.latency_ms": options.get("latency_ms"),
+        "server.jitter_ms": options.get("jitter_ms"),
+    }
+    if size is not None:
+        overrides["width"], overrides["height"] = size
+    return load_settings(options.get("config"), overrides=overrides)
+
+
+@click.group(
+    cls=App,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option("-n", "--count", type=int, help="How many images to fetch. [default: 10]")
+@click.option(
+    "--backend",
+    type=str,
+    help=f"Concurrency backend: {', '.join(BACKENDS)}. [default: asyncio, or DOWNLOADER_BACKEND]",
+)
+@click.option(
+    "--url",
+    metavar="TEMPLATE",
+    help="URL template with {i} (0-based index), {width}, {height}, {keywords}. "
+    "[default: https://loremflickr.com/{width}/{height}/{keywords}?lock={i}]",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder. [default: pic]")
+@click.option("--size", metavar="WxH", help="Image size asked of the server. [default: 320x240]")
+@click.option("--keywords", help="Comma-separated keywords for {keywords}, e.g. cat,dog.")
+@click.option(
+    "--concurrency", type=int, help="Downloads in flight (processes: worker count). [default: 32]"
+)
+@click.option(
+    "--timeout", type=float, help="Deadline per request in seconds, body included. [default: 30]"
+)
+@click.option("--retries", type=int, help="Retries on timeouts, resets, 429 and 5xx. [default: 3]")
+@click.option(
+    "--thumbnail-size",
+    type=int,
+    metavar="PX",
+    help="Thumbnail longest side; 0 = off. [default: 128]",
+)
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file layered over the defaults (same keys as config/default.toml).",
+)
+@click.option("--local", is_flag=True, help="Fetch from the built-in server (no internet needed).")
+@click.option("--latency-ms", type=float, help="With --local: simulated latency per image.")
+@click.option("--jitter-ms", type=float, help="With --local: random extra latency, 0..MS.")
+@click.option("-v", "--verbose", count=True, help="Print every failure as it happens.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; only the summary line.")
+@click.version_option(package_name="downloader")
+@click.pass_context
+def main(ctx: click.Context, /, **options: Any) -> int:
+    """Download images in parallel (sync, threads, asyncio or processes) with thumbnails.
+
+    Images go to OUT, thumbnails to OUT/thumbnails, one JSON line per image to
+    OUT/manifest.jsonl. Settings come from config/default.toml < --config FILE <
+    DOWNLOADER_* environment variables < flags.
+
+    \b
+    Examples:
+      download --backend asyncio -n 100 --local
+      download --backend threads -n 50 --keywords cat,dog --size 640x480
+      download serve --port 8080 --latency-ms 200
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = options
+        return EXIT_OK
+    settings = settings_from_options(options)
+    return _download(settings, verbose=options["verbose"])
+
+
+def _download(settings: Settings, verbose: int) -> int:
+    from .pipeline import run
+    from .progress import progress_reporter
+
+    with progress_reporter(settings, verbose) as on_result:
+        report = run(settings, on_result=on_result, keep_results=False)
+    click.echo(report.summary())
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on. [default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Port; 0 = any free port. [default: 8080]")
+@click.option("--latency-ms", type=float, default=None, help="Simulated latency per image.")
+@click.option("--jitter-ms", type=float, default=None, help="Random extra latency, 0..MS.")
+@click.option("--seed", type=int, default=None, help="Seed for photos and jitter. [default: 0]")
+@click.option("--pool-size", type=int, default=None, help="Distinct photos per size. [default: 40]")
+@click.pass_context
+def serve(ctx: click.Context, /, **options: Any) -> int:
+    """Run the built-in loremflickr-compatible image server."""
+    from .server import serve as run_server
+
+    parent = ctx.obj or {}
+    overrides = {f"server.{key}": value for key, value in options.items()}
+    settings = load_settings(parent.get("config"), overrides=overrides)
+    config = settings.server
+
+    def ready(port: int) -> None:
+        click.echo(
+            f"serving loremflickr-compatible images on http://{config.host}:{port} "
+            f"(latency {config.latency_ms:g} ms, jitter {config.jitter_ms:g} ms); Ctrl-C stops",
+            err=True,
+        )
+
+    try:
+        run_server(config, ready)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    return EXIT_OK

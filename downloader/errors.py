@@ -1,0 +1,43 @@
+"""Typed, picklable errors, each with a one-line message a user understands.
+
+Per-URL failures never escape a backend: they become a ``Result`` whose ``error`` is
+``str(exc)``. Only configuration problems (``ConfigError``) and bugs raise to the CLI.
+"""
+
+from __future__ import annotations
+
+
+class DownloaderError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(DownloaderError):
+    """Bad settings: a flag, a config file, an environment variable. Exit code 2."""
+
+
+class FetchError(DownloaderError):
+    """A URL could not be turned into image bytes, and trying again will not help."""
+
+    attempts: int = 0  # set by the fetch shells: how many attempts were made
+
+
+class RetryableFetchError(FetchError):
+    """A transient failure (connection, timeout, 429, 5xx, truncated body).
+
+    ``retry_after`` carries the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type[RetryableFetchError], tuple[str, float | None]]:
+        return (type(self), (str(self), self.retry_after))
+
+
+class InvalidImageError(FetchError):
+    """The body is not an image we accept: wrong type, corrupt, too large, or a bomb."""
+
+
+class StorageError(DownloaderError):
+    """OUT cannot be written."""

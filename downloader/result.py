@@ -1,0 +1,88 @@
+"""What a run produces: one ``Result`` per job, and a ``Report`` over all of them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one job: exactly one per index, and one manifest line each."""
+
+    index: int
+    url: str
+    status: str  # "ok" | "failed"
+    final_url: str | None = None
+    path: str | None = None  # relative to OUT
+    thumbnail: str | None = None  # relative to OUT
+    bytes: int = 0
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    attempts: int = 0
+    elapsed_ms: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Result:
+        fields: dict[str, Any] = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        return cls(**fields)
+
+
+@dataclass
+class Report:
+    """Aggregates of a run, as printed in the summary and by ``compare``."""
+
+    backend: str
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0  # kept from an earlier run by --resume
+    bytes: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    results: list[Result] = field(default_factory=list, repr=False)
+    interrupted: bool = False
+
+    def add(self, result: Result) -> None:
+        if result.ok:
+            self.ok += 1
+            self.bytes += result.bytes
+        else:
+            self.failed += 1
+        self.latencies_ms.append(result.elapsed_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.backend}: {self.ok} ok, {self.failed} failed",
+            *([f"{self.skipped} kept"] if self.skipped else []),
+            f"in {self.wall_s:.2f} s",
+            f"{self.images_per_s:.1f} images/s",
+            f"{self.mb_per_s:.2f} MB/s",
+            f"p50 {self.percentile(50):.0f} ms, p95 {self.percentile(95):.0f} ms",
+        ]
+        text = ", ".join(parts)
+        return f"interrupted: {text}" if self.interrupted else text

@@ -1,0 +1,230 @@
+"""A loremflickr-compatible image server (aiohttp.web), for offline runs, tests and benchmarks.
+
+URL forms, as on loremflickr.com: ``/{w}/{h}``, ``/{w}/{h}/{keywords}``,
+``/{w}/{h}/{keywords}/all|any``, ``/g/...`` for grayscale, ``?lock=N`` for a fixed photo.
+Each answers with a 302 to ``/cache/resized/<id>_{w}_{h}_nofilter.jpg``, which serves a real
+JPEG. Photos are generated once from the seed and cached; their entropy is tuned so sizes
+look like photos (~55 KB at 640x480). Simulated latency applies once per image, to the
+first request, so the ideal wall time of n images is n x latency / concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from aiohttp import web
+
+from .settings import ServerSettings
+
+MAX_SIDE = 4000
+_CACHE_NAME = re.compile(r"(?P<photo>\d+)_(?P<tone>[cg])_(?P<w>\d+)_(?P<h>\d+)_nofilter\.jpg")
+
+
+class Stats:
+    """Request counts by kind and by path, for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def hit(self, *keys: str) -> None:
+        for key in keys:
+            self.counts[key] += 1
+
+
+STATS: web.AppKey[Stats] = web.AppKey("stats", Stats)
+CONFIG: web.AppKey[ServerSettings] = web.AppKey("config", ServerSettings)
+RNG: web.AppKey[random.Random] = web.AppKey("rng", random.Random)
+
+
+@lru_cache(maxsize=256)
+def render_photo(width: int, height: int, photo: int, seed: int, gray: bool = False) -> bytes:
+    """A deterministic JPEG with photo-like entropy: smooth colour fields plus fine grain."""
+    from PIL import Image, ImageChops
+
+    rng = random.Random(f"{seed}:{photo}:{width}x{height}")
+    cell, grain = 20, 7
+    sw, sh = max(2, width // cell), max(2, height // cell)
+    base = Image.frombytes("RGB", (sw, sh), rng.randbytes(sw * sh * 3))
+    base = base.resize((width, height), Image.Resampling.BICUBIC)
+    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height))
+    noise = noise.point(lambda v: 128 - grain // 2 + v * grain // 256).convert("RGB")
+    img = ImageChops.add(base, noise, scale=1.0, offset=-128)
+    if gray:
+        img = img.convert("L")
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _size(request: web.Request) -> tuple[int, int]:
+    try:
+        width, height = int(request.match_info["w"]), int(request.match_info["h"])
+    except ValueError:
+        raise web.HTTPBadRequest(text="width and height must be integers") from None
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise web.HTTPBadRequest(text=f"width and height must be 1..{MAX_SIDE}")
+    return width, height
+
+
+async def _latency(app: web.Application) -> None:
+    cfg = app[CONFIG]
+    delay = cfg.latency_ms + (app[RNG].uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
+    if delay > 0:
+        await asyncio.sleep(delay / 1000)
+
+
+async def entry(request: web.Request) -> web.StreamResponse:
+    """``/{w}/{h}[/keywords[/all|any]]`` and ``/g/...``: redirect to one photo of the pool."""
+    app = request.app
+    app[STATS].hit("entry", request.path_qs)
+    width, height = _size(request)
+    cfg = app[CONFIG]
+    lock = request.query.get("lock")
+    if lock is not None and lock.isdigit():
+        photo = int(lock) % cfg.pool_size
+    else:
+        photo = app[RNG].randrange(cfg.pool_size)
+    tone = "g" if request.path.startswith("/g/") else "c"
+    await _latency(app)
+    raise web.HTTPFound(f"/cache/resized/{photo}_{tone}_{width}_{height}_nofilter.jpg")
+
+
+async def cached(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    app[STATS].hit("image", request.path)
+    match = _CACHE_NAME.fullmatch(request.match_info["name"])
+    if not match:
+        raise web.HTTPNotFound(text="no such image")
+    width, height = int(match["w"]), int(match["h"])
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise web.HTTPNotFound(text="no such image")
+    photo = int(match["photo"]) % app[CONFIG].pool_size
+    body = render_photo(width, height, photo, app[CONFIG].seed, match["tone"] == "g")
+    return web.Response(body=body, content_type="image/jpeg")
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Request counts, for tests and benchmarks that assert what was (not) fetched."""
+    return web.json_response(dict(request.app[STATS].counts))
+
+
+def make_app(config: ServerSettings | None = None) -> web.Application:
+    config = config or ServerSettings()
+    app = web.Application()
+    app[CONFIG] = config
+    app[STATS] = Stats()
+    app[RNG] = random.Random(config.seed)
+    app.router.add_get("/__stats", stats)
+    app.router.add_get("/cache/resized/{name}", cached)
+    for prefix in ("", "/g"):
+        app.router.add_get(prefix + r"/{w:\d+}/{h:\d+}", entry)
+        app.router.add_get(prefix + r"/{w:\d+}/{h:\d+}/{rest:.*}", entry)
+    return app
+
+
+def serve(config: ServerSettings, ready: Any = None) -> None:
+    """Run the server until cancelled; ``ready(port)`` is called once it listens."""
+
+    async def main() -> None:
+        runner = web.AppRunner(make_app(config), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        port = runner.addresses[0][1]
+        if ready is not None:
+            ready(port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- run it elsewhere
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _child(config: ServerSettings, conn: Any) -> None:
+    def ready(port: int) -> None:
+        conn.send(port)
+        conn.close()
+
+    serve(config, ready)
+
+
+@contextlib.contextmanager
+def server_process(config: ServerSettings) -> Iterator[RunningServer]:
+    """The server in a child process (it never shares a GIL with the run it serves), on a
+    free loopback port unless ``config.port`` says otherwise; stopped on exit."""
+    from .backends.pools import mp_context
+
+    ctx: Any = mp_context()
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(config, child), daemon=True, name="image-server")
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(30):
+            raise RuntimeError("built-in image server did not start within 30 s")
+        port = parent.recv()
+        yield RunningServer(config.host, port)
+    finally:
+        proc.terminate()
+        proc.join(10)
+        if proc.is_alive():  # pragma: no cover
+            proc.kill()
+
+
+@contextlib.contextmanager
+def server_thread(app: web.Application, host: str = "127.0.0.1") -> Iterator[RunningServer]:
+    """The server on a background thread with its own loop (tests): yields once listening."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def start() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0, backlog=1024)
+        await site.start()
+        box["runner"] = runner
+        box["port"] = runner.addresses[0][1]
+        started.set()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        loop.run_forever()
+        loop.run_until_complete(box["runner"].cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=main, daemon=True, name="image-server")
+    thread.start()
+    if not started.wait(30):
+        raise RuntimeError("test image server did not start")
+    try:
+        yield RunningServer(host, box["port"])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -1,0 +1,265 @@
+"""Settings: frozen dataclasses, layered defaults <- config file <- DOWNLOADER_* env <- flags.
+
+Every key has a dotted name (``count``, ``http.timeout``, ``thumbnails.size``) used the
+same way in the TOML file (``[http] timeout = 30``), in the environment
+(``DOWNLOADER_HTTP_TIMEOUT=30``) and by the CLI. Unknown keys and wrong types are a
+``ConfigError`` with a one-line message, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
+BACKENDS = ("sync", "threads", "asyncio", "processes")
+THUMBNAIL_EXECUTORS = ("process", "thread", "inline")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    concurrency: int = 32
+    per_host: int = 0  # 0 = same as concurrency
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_bytes: int = 20 * 1024 * 1024
+    max_redirects: int = 10
+    user_agent: str = "downloader/0.1 (+https://github.com/)"
+
+    def __post_init__(self) -> None:
+        _check(self.concurrency >= 1, "http.concurrency must be at least 1")
+        _check(self.per_host >= 0, "http.per_host must be 0 (no cap) or more")
+        _check(self.timeout > 0, "http.timeout must be a positive number of seconds")
+        _check(self.retries >= 0, "http.retries must be 0 or more")
+        _check(self.backoff >= 0, "http.backoff must be 0 or more")
+        _check(self.max_backoff >= 0, "http.max_backoff must be 0 or more")
+        _check(self.max_bytes >= 1, "http.max_bytes must be at least 1")
+        _check(self.max_redirects >= 0, "http.max_redirects must be 0 or more")
+
+
+@dataclass(frozen=True)
+class ThumbnailSettings:
+    size: int = 128  # longest side in pixels; 0 = no thumbnails
+    executor: str = "process"
+    quality: int = 85
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 0, "thumbnails.size must be 0 (off) or a positive pixel count")
+        _check(
+            self.executor in THUMBNAIL_EXECUTORS,
+            f"thumbnails.executor must be one of {', '.join(THUMBNAIL_EXECUTORS)}",
+        )
+        _check(1 <= self.quality <= 95, "thumbnails.quality must be between 1 and 95")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Knobs of the built-in loremflickr-compatible server (``serve`` and ``--local``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    seed: int = 0
+    pool_size: int = 40
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "server.port must be between 0 and 65535")
+        _check(self.latency_ms >= 0, "server.latency_ms must be 0 or more")
+        _check(self.jitter_ms >= 0, "server.jitter_ms must be 0 or more")
+        _check(self.pool_size >= 1, "server.pool_size must be at least 1")
+
+    def replace_port(self, port: int) -> ServerSettings:
+        return dataclasses.replace(self, port=port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "asyncio"
+    count: int = 10
+    url: str = DEFAULT_URL
+    out: Path = Path("pic")
+    width: int = 320
+    height: int = 240
+    keywords: str = ""
+    local: bool = False
+    progress: bool = True
+    http: HttpSettings = field(default_factory=HttpSettings)
+    thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 1, "count must be at least 1")
+        _check(self.width >= 1 and self.height >= 1, "width and height must be at least 1")
+        _check(
+            self.backend in BACKENDS,
+            f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}",
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------- loading
+
+_SECTIONS: dict[str, type[Any]] = {
+    "http": HttpSettings,
+    "thumbnails": ThumbnailSettings,
+    "server": ServerSettings,
+}
+
+
+def known_keys() -> dict[str, type[Any]]:
+    """Every dotted key and the type its value must have."""
+    keys: dict[str, type[Any]] = {}
+    for name, kind in typing.get_type_hints(Settings).items():
+        if name not in _SECTIONS:
+            keys[name] = kind
+    for section, cls in _SECTIONS.items():
+        for name, kind in typing.get_type_hints(cls).items():
+            keys[f"{section}.{name}"] = kind
+    return keys
+
+
+def default_config_text() -> str:
+    return resources.files("downloader").joinpath("default.toml").read_text("utf-8")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file not readable: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+
+
+def flatten(table: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """``{"http": {"timeout": 3}}`` -> ``{"http.timeout": 3}``, rejecting unknown keys."""
+    keys = known_keys()
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        if name in _SECTIONS and isinstance(value, Mapping):
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[name] = value
+    for key in flat:
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r} in {origin}")
+    return flat
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``DOWNLOADER_HTTP_TIMEOUT=3`` -> ``{"http.timeout": "3"}``; unknown names are errors."""
+    by_env = {"DOWNLOADER_" + k.upper().replace(".", "_"): k for k in known_keys()}
+    out: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith("DOWNLOADER_"):
+            continue
+        if name not in by_env:
+            raise ConfigError(f"unknown environment variable {name}")
+        out[by_env[name]] = value
+    return out
+
+
+def coerce(key: str, value: Any, origin: str) -> Any:
+    kind = known_keys()[key]
+    where = f"{key} (from {origin})"
+    if isinstance(value, str) and kind is not str:
+        return _parse_text(kind, value, where)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is Path and isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ConfigError(f"{where} must be {_kind_name(kind)}, got {value!r}")
+
+
+def _parse_text(kind: type[Any], text: str, where: str) -> Any:
+    text = text.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is Path:
+            return Path(text)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{where} must be {_kind_name(kind)}, got {text!r}") from None
+
+
+def _kind_name(kind: type[Any]) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        kind, "a path"
+    )
+
+
+def build(values: Mapping[str, Any]) -> Settings:
+    """Dotted, already-coerced values -> ``Settings`` (validation runs in ``__post_init__``)."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            sections[section][name] = value
+        else:
+            top[key] = value
+    return Settings(**top, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Shipped defaults <- ``config_file`` <- ``DOWNLOADER_*`` env <- ``overrides`` (flags)."""
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("default.toml", flatten(tomllib.loads(default_config_text()), "default.toml")),
+    ]
+    if config_file is not None:
+        layers.append((str(config_file), flatten(read_toml(config_file), str(config_file))))
+    layers.append(("environment", from_env(os.environ if environ is None else environ)))
+    layers.append(("command line", dict(overrides or {})))
+    values: dict[str, Any] = {}
+    for origin, layer in layers:
+        for key, value in layer.items():
+            if value is not None:
+                values[key] = coerce(key, value, origin)
+    return build(values)

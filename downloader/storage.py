@@ -1,0 +1,177 @@
+"""Storage: safe names, atomic writes, the manifest, and what ``--resume`` may keep.
+
+The one door for names is ``safe_name``: nothing a server says reaches the file system
+without passing through it. Files are written to a hidden temp file in the same folder and
+renamed with ``os.replace``, so a killed run leaves no partial image or thumbnail in OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import StorageError
+from .result import Result
+
+MANIFEST = "manifest.jsonl"
+THUMBS = "thumbnails"
+TEMP_SUFFIX = ".part"
+MAX_STEM = 60  # bytes of the remote name we keep; the whole name stays under ~80 bytes
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_stem(final_url: str) -> str:
+    """The remote file name of ``final_url`` reduced to ``[A-Za-z0-9._-]``, no extension,
+    no leading dots, at most ``MAX_STEM`` bytes; may be empty."""
+    try:
+        path = urlsplit(final_url).path
+    except ValueError:
+        path = ""
+    # Decode twice so %252F is seen as "/" too; separators then split like real ones.
+    name = unquote(unquote(path)).replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    stem = _UNSAFE.sub("_", stem).strip("._-")
+    return stem[:MAX_STEM].rstrip("._-")
+
+
+def safe_name(index: int, final_url: str, ext: str) -> str:
+    """One safe path component, unique per job index: ``000042-remote_name.jpg``.
+
+    ``ext`` comes from the decoded image format, never from the server.
+    """
+    if not re.fullmatch(r"\.[a-z0-9]{1,5}", ext):
+        raise ValueError(f"bad extension {ext!r}")
+    stem = safe_stem(final_url)
+    return f"{index:06d}-{stem}{ext}" if stem else f"{index:06d}{ext}"
+
+
+def thumbnail_name(image_name: str) -> str:
+    return f"{THUMBS}/{image_name.rsplit('.', 1)[0]}.jpg"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def write_atomic_async(path: Path, data: bytes) -> None:
+    """``write_atomic`` with aiofiles, for the asyncio backend."""
+    import aiofiles
+    import aiofiles.os
+
+    tmp = temp_path(path)
+    try:
+        async with aiofiles.open(tmp, "wb") as fh:
+            await fh.write(data)
+        await aiofiles.os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def prepare_out(out: Path) -> None:
+    """Create OUT and OUT/thumbnails, prove they are writable, and sweep temp files a
+    killed run left behind. Raises ``StorageError`` with a one-line reason."""
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"output folder {out} exists and is not a folder")
+    try:
+        (out / THUMBS).mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StorageError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    for folder in (out, out / THUMBS):
+        for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def read_manifest(out: Path) -> dict[int, Result]:
+    """The last valid record for each index; torn or invalid lines are ignored."""
+    records: dict[int, Result] = {}
+    path = out / MANIFEST
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+                result = Result.from_record(record)
+                if isinstance(result.index, int):
+                    records[result.index] = result
+            except (ValueError, TypeError):
+                continue
+    return records
+
+
+def still_valid(out: Path, result: Result) -> bool:
+    """An ok record whose file (and thumbnail) is on disk with the recorded sha256."""
+    if not result.ok or not result.path or not result.sha256:
+        return False
+    try:
+        data = (out / result.path).read_bytes()
+    except OSError:
+        return False
+    if sha256(data) != result.sha256:
+        return False
+    return result.thumbnail is None or (out / result.thumbnail).is_file()
+
+
+class ManifestWriter:
+    """Appends one JSON line per result and flushes it, so a crash loses at most the line
+    being written (and a torn line is skipped by ``read_manifest``)."""
+
+    def __init__(self, out: Path, keep: Iterator[Result] | None = None) -> None:
+        path = out / MANIFEST
+        # Start from the records we keep (resume) in a fresh file, swapped in atomically,
+        # so the manifest never holds two lines for one index.
+        tmp = temp_path(path)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for result in keep or ():
+                fh.write(_line(result))
+        os.replace(tmp, path)
+        self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, result: Result) -> None:
+        self._fh.write(_line(result))
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _line(result: Result) -> str:
+    return json.dumps(result.to_record(), ensure_ascii=False, separators=(",", ":")) + "\n"

@@ -1,0 +1,118 @@
+"""The per-job steps every backend schedules: fetch -> decode/thumbnail -> write -> Result.
+
+Backends differ only in *where* these run (a loop, threads, tasks, processes, Dask
+workers); the steps themselves exist once, here. A per-URL failure is returned as a failed
+``Result``, never raised.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .errors import FetchError
+from .fetch import Fetched, fetch_async, fetch_sync
+from .jobs import Job, check_url
+from .result import Result
+from .settings import Settings
+from .storage import safe_name, sha256, thumbnail_name, write_atomic, write_atomic_async
+from .thumbnails import ImageInfo, inspect_image
+
+if TYPE_CHECKING:
+    import aiohttp
+    import requests
+
+CpuStage = Callable[[bytes], ImageInfo]
+AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
+
+
+def cpu_stage(settings: Settings) -> CpuStage:
+    """``inspect_image`` bound to the thumbnail settings (picklable via a plain call)."""
+    size, quality = settings.thumbnails.size, settings.thumbnails.quality
+    return lambda data: inspect_image(data, size, quality)
+
+
+def handle_sync(
+    session: requests.Session, job: Job, settings: Settings, cpu: CpuStage | None = None
+) -> Result:
+    """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given."""
+    start = time.perf_counter()
+    try:
+        _reject_bad_url(job)
+        fetched = fetch_sync(session, job.url, settings.http)
+        info = (cpu or cpu_stage(settings))(fetched.data)
+        image, thumb = _names(job, fetched, info)
+        if info.thumbnail is not None and thumb is not None:
+            write_atomic(settings.out / thumb, info.thumbnail)
+        write_atomic(settings.out / image, fetched.data)
+    except FetchError as exc:
+        return failure(job, exc, start)
+    except OSError as exc:
+        return failure(job, exc, start, attempts=1)
+    return success(job, fetched, info, image, thumb, start)
+
+
+async def handle_async(
+    session: aiohttp.ClientSession, job: Job, settings: Settings, cpu: AsyncCpuStage
+) -> Result:
+    """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop."""
+    start = time.perf_counter()
+    try:
+        _reject_bad_url(job)
+        fetched = await fetch_async(session, job.url, settings.http)
+        info = await cpu(fetched.data)
+        image, thumb = _names(job, fetched, info)
+        if info.thumbnail is not None and thumb is not None:
+            await write_atomic_async(settings.out / thumb, info.thumbnail)
+        await write_atomic_async(settings.out / image, fetched.data)
+    except FetchError as exc:
+        return failure(job, exc, start)
+    except OSError as exc:
+        return failure(job, exc, start, attempts=1)
+    return success(job, fetched, info, image, thumb, start)
+
+
+def _reject_bad_url(job: Job) -> None:
+    problem = check_url(job.url)
+    if problem:
+        raise FetchError(problem)
+
+
+def _names(job: Job, fetched: Fetched, info: ImageInfo) -> tuple[str, str | None]:
+    image = safe_name(job.index, fetched.final_url, info.ext)
+    return image, (thumbnail_name(image) if info.thumbnail is not None else None)
+
+
+def success(
+    job: Job, fetched: Fetched, info: ImageInfo, image: str, thumb: str | None, start: float
+) -> Result:
+    return Result(
+        index=job.index,
+        url=job.url,
+        status="ok",
+        final_url=fetched.final_url,
+        path=image,
+        thumbnail=thumb,
+        bytes=len(fetched.data),
+        sha256=sha256(fetched.data),
+        width=info.width,
+        height=info.height,
+        attempts=fetched.attempts,
+        elapsed_ms=round((time.perf_counter() - start) * 1000, 2),
+    )
+
+
+def failure(job: Job, exc: Exception, start: float, attempts: int | None = None) -> Result:
+    tries = attempts if attempts is not None else getattr(exc, "attempts", 0)
+    reason = str(exc) if not isinstance(exc, OSError) else f"cannot write file: {exc}"
+    if tries > 1:
+        reason = f"{reason} (after {tries} attempts)"
+    return Result(
+        index=job.index,
+        url=job.url,
+        status="failed",
+        attempts=tries,
+        elapsed_ms=round((time.perf_counter() - start) * 1000, 2),
+        error=reason,
+    )
