@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     BACKENDS,
     CASES,
@@ -19,6 +18,7 @@ from conftest import (
     decode_size,
     make_settings,
 )
+
 from downloader.pipeline import run
 from downloader.storage import MANIFEST, THUMBS
 
