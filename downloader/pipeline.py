@@ -31,7 +31,6 @@ def template_for(settings: Settings, base_url: str | None = None) -> Template:
 @contextlib.contextmanager
 def _source(settings: Settings) -> Iterator[Template]:
     """The template to fetch from: as configured, or pointed at a built-in server."""
-    template_for(settings)  # validate before starting anything
     if not settings.local:
         yield template_for(settings)
         return
@@ -45,6 +44,7 @@ def run(settings: Settings, on_result: OnResult | None = None, keep_results: boo
     """Download ``settings.count`` images. Raises ``ConfigError``/``StorageError`` for bad
     settings; per-image failures are in the report, never raised."""
     backend = get_backend(settings.backend)
+    template_for(settings)  # a bad template is a ConfigError before OUT is touched
     prepare_out(settings.out)
     report = Report(backend.name)
     with _source(settings) as template, ManifestWriter(settings.out) as manifest:

@@ -1,0 +1,263 @@
+"""Settings layering (default < file < env < flags) and the CLI's one-line usage errors."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from downloader.cli import main
+from downloader.errors import ConfigError
+from downloader.settings import (
+    BACKENDS,
+    DEFAULT_URL,
+    Settings,
+    default_config_text,
+    flatten,
+    known_keys,
+    load_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No DOWNLOADER_* from the developer's shell, and a scratch working folder."""
+    for name in list(os.environ):
+        if name.startswith("DOWNLOADER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- layering
+
+
+def test_defaults_match_the_dataclasses() -> None:
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings.count == 10
+    assert settings.backend == "asyncio"
+    assert settings.url == DEFAULT_URL
+    assert settings.out == Path("pic")
+
+
+def test_config_file_overrides_defaults(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "c.toml",
+        'backend = "threads"\ncount = 20\nout = "images"\n'
+        "[http]\ntimeout = 5\nretries = 1\n[thumbnails]\nsize = 0\n",
+    )
+    settings = load_settings(config, environ={})
+    assert settings.backend == "threads"
+    assert settings.count == 20
+    assert settings.out == Path("images")
+    assert settings.http.timeout == 5.0
+    assert isinstance(settings.http.timeout, float)
+    assert settings.http.retries == 1
+    assert settings.thumbnails.size == 0
+    # Untouched keys keep their defaults.
+    assert settings.http.concurrency == 32
+    assert settings.width == 320
+
+
+def test_env_overrides_config_file(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.toml", 'backend = "threads"\ncount = 20\n[http]\ntimeout = 5\n')
+    environ = {
+        "DOWNLOADER_COUNT": "30",
+        "DOWNLOADER_HTTP_RETRIES": "7",
+        "DOWNLOADER_PROGRESS": "off",
+        "DOWNLOADER_THUMBNAILS_EXECUTOR": "thread",
+        "HOME": "/ignored",  # other variables are none of our business
+    }
+    settings = load_settings(config, environ=environ)
+    assert settings.count == 30
+    assert settings.http.retries == 7
+    assert settings.progress is False
+    assert settings.thumbnails.executor == "thread"
+    assert settings.backend == "threads"  # from the file, env did not set it
+    assert settings.http.timeout == 5.0
+
+
+def test_flags_override_env(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.toml", "count = 20\n[http]\ntimeout = 5\n")
+    settings = load_settings(
+        config,
+        environ={"DOWNLOADER_COUNT": "30", "DOWNLOADER_HTTP_TIMEOUT": "9"},
+        overrides={"count": 40, "http.retries": 0, "backend": None, "http.timeout": None},
+    )
+    assert settings.count == 40
+    assert settings.http.retries == 0
+    assert settings.http.timeout == 9.0  # a None flag does not override
+    assert settings.backend == "asyncio"
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOWNLOADER_BACKEND", "sync")
+    assert load_settings().backend == "sync"
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({"DOWNLOADER_NOPE": "1"}, "DOWNLOADER_NOPE"),
+        ({"DOWNLOADER_COUNT": "abc"}, "count"),
+        ({"DOWNLOADER_PROGRESS": "maybe"}, "progress"),
+        ({"DOWNLOADER_HTTP_TIMEOUT": "soon"}, "http.timeout"),
+        ({"DOWNLOADER_COUNT": "0"}, "count"),
+        ({"DOWNLOADER_BACKEND": "nope"}, "backend"),
+    ],
+)
+def test_bad_env_is_config_error(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=environ)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("nope = 1\n", "nope"),
+        ("[http]\nnope = 1\n", "http.nope"),
+        ("[nope]\nx = 1\n", "nope"),
+        ('count = "x"\n', "count"),
+        ("count = true\n", "count"),
+        ("count = 1.5\n", "count"),
+        ("local = 1\n", "local"),
+        ('[http]\ntimeout = "fast"\n', "http.timeout"),
+        ("count = [\n", "malformed TOML"),
+        ("http = 3\n", "http"),
+    ],
+)
+def test_bad_config_file_is_config_error(tmp_path: Path, text: str, fragment: str) -> None:
+    config = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_default_toml_knows_every_key() -> None:
+    """The shipped file documents every key, so it must set each one the dataclasses have."""
+    assert set(flatten(tomllib.loads(default_config_text()), "default.toml")) == set(known_keys())
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def write_configs(folder: Path) -> None:
+    write(folder / "malformed.toml", "count = [\n")
+    write(folder / "unknown.toml", "nope = 1\n")
+    write(folder / "wrongtype.toml", 'count = "x"\n')
+    write(folder / "afile", "I am a file, not a folder\n")
+
+
+BAD_INPUTS = [
+    pytest.param(["-n", "0"], None, "count", id="count-zero"),
+    pytest.param(["-n", "-5"], None, "count", id="count-negative"),
+    pytest.param(["-n", "abc"], None, "abc", id="count-not-int"),
+    pytest.param(["--backend", "nope"], None, ", ".join(BACKENDS), id="bad-backend"),
+    pytest.param(["--config", "missing.toml"], None, "missing.toml", id="config-missing"),
+    pytest.param(["--config", "malformed.toml"], None, "malformed.toml", id="config-malformed"),
+    pytest.param(["--config", "unknown.toml"], None, "nope", id="config-unknown-key"),
+    pytest.param(["--config", "wrongtype.toml"], None, "count", id="config-wrong-type"),
+    pytest.param(["--concurrency", "0"], None, "concurrency", id="concurrency-zero"),
+    pytest.param(["--timeout", "-1"], None, "timeout", id="timeout-negative"),
+    pytest.param(
+        ["--url", "example.com/{i}"],
+        None,
+        "http",
+        id="url-no-scheme",
+    ),
+    pytest.param(
+        ["--url", "http://h/{nope}"],
+        None,
+        "{nope}",
+        id="url-unknown-placeholder",
+    ),
+    pytest.param(["--out", "afile"], None, "afile", id="out-is-a-file"),
+    pytest.param([], {"DOWNLOADER_NOPE": "1"}, "DOWNLOADER_NOPE", id="unknown-env-var"),
+    pytest.param(["--frobnicate"], None, "--frobnicate", id="unknown-flag"),
+    pytest.param(["--size", "big"], None, "big", id="bad-size"),
+    pytest.param(["--retries", "-1"], None, "retries", id="retries-negative"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "fragment"), BAD_INPUTS)
+def test_bad_input_is_one_error_line(
+    tmp_path: Path, args: list[str], env: dict[str, str] | None, fragment: str
+) -> None:
+    write_configs(tmp_path)
+    before = listing(tmp_path)
+
+    result = invoke(*args, env=env)
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:"), result.output
+    assert fragment in lines[0]
+    assert result.stderr == result.output  # the error goes to stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    # Nothing was created: no OUT, no manifest, no thumbnails folder.
+    assert listing(tmp_path) == before
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "I am a file, not a folder\n"
+
+
+def test_help_lists_every_option() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert result.stderr == ""
+    for option in [
+        "--count",
+        "--backend",
+        "--url",
+        "--out",
+        "--concurrency",
+        "--timeout",
+        "--retries",
+        "--thumbnail-size",
+        "--config",
+        "--local",
+        "--latency-ms",
+        "--jitter-ms",
+        "--verbose",
+        "--quiet",
+    ]:
+        assert option in result.stdout, option
+    for backend in BACKENDS:
+        assert backend in result.stdout
+
+
+def test_help_writes_nothing(tmp_path: Path) -> None:
+    invoke("-h")
+    assert listing(tmp_path) == set()
+
+
+def test_version_exits_zero() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert "0.1.0" in result.output
