@@ -7,14 +7,16 @@ give exit code 1; an interrupted run exits 130.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from .errors import ConfigError, StorageError
 from .settings import BACKENDS, Settings, load_settings
 
+F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_FAILURE_LINES = 10
 
@@ -50,6 +52,53 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return width, height
 
 
+def _rate(value: str | None) -> float | None:
+    if value is None:
+        return None
+    text = value.strip().lower().removesuffix("/s")
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected requests per second like 10/s, got {value!r}") from None
+
+
+FAULTS = {
+    "fail": "answer 503 with Retry-After",
+    "throttle": "answer 429 with Retry-After",
+    "reset": "drop the connection mid-body",
+    "truncate": "send a Content-Length larger than the body",
+    "stall": "send nothing for server.stall_s seconds",
+    "slow": "trickle the body over server.slow_ms milliseconds",
+    "corrupt": "send image/jpeg with a garbage body (on every attempt)",
+}
+SERVER_KNOBS = ("latency_ms", "jitter_ms", *(f"{name}_rate" for name in FAULTS))
+
+
+def server_options(prefix: str) -> Callable[[F], F]:
+    """The built-in server's latency and fault knobs, for `serve` and for `--local`."""
+
+    def decorate(func: F) -> F:
+        for name in reversed(FAULTS):
+            func = click.option(
+                f"--{name}-rate",
+                type=float,
+                metavar="P",
+                help=f"{prefix}fraction of images whose first attempt gets: {FAULTS[name]}.",
+            )(func)
+        func = click.option(
+            "--jitter-ms", type=float, help=f"{prefix}random extra latency, 0..MS."
+        )(func)
+        return click.option(
+            "--latency-ms", type=float, help=f"{prefix}simulated latency per image."
+        )(func)
+
+    return decorate
+
+
+def server_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    return {f"server.{knob}": options.get(knob) for knob in SERVER_KNOBS}
+
+
 def settings_from_options(options: dict[str, Any]) -> Settings:
     """Flags -> dotted overrides -> layered Settings."""
     size = _size(options.pop("size", None))
@@ -64,9 +113,11 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         "http.concurrency": options.get("concurrency"),
         "http.timeout": options.get("timeout"),
         "http.retries": options.get("retries"),
+        "http.rate": _rate(options.get("rate")),
+        "resume": True if options.get("resume") else None,
+        "retry_failed": True if options.get("retry_failed") else None,
         "thumbnails.size": options.get("thumbnail_size"),
-        "server.latency_ms": options.get("latency_ms"),
-        "server.jitter_ms": options.get("jitter_ms"),
+        **server_overrides(options),
     }
     if size is not None:
         overrides["width"], overrides["height"] = size
@@ -107,13 +158,25 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     help="Thumbnail longest side; 0 = off. [default: 128]",
 )
 @click.option(
+    "--rate",
+    metavar="N/s",
+    help="At most N requests per second to each host, e.g. 10/s. [default: no limit]",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep images the manifest records as ok (file intact, same sha256); fetch the rest.",
+)
+@click.option(
+    "--retry-failed", is_flag=True, help="Re-run only the images the manifest records as failed."
+)
+@click.option(
     "--config",
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML file layered over the defaults (same keys as config/default.toml).",
 )
 @click.option("--local", is_flag=True, help="Fetch from the built-in server (no internet needed).")
-@click.option("--latency-ms", type=float, help="With --local: simulated latency per image.")
-@click.option("--jitter-ms", type=float, help="With --local: random extra latency, 0..MS.")
+@server_options("With --local: ")
 @click.option("-v", "--verbose", count=True, help="Print every failure as it happens.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.version_option(package_name="downloader")
@@ -140,10 +203,10 @@ def main(ctx: click.Context, /, **options: Any) -> int:
 
 def _download(settings: Settings, verbose: int) -> int:
     from .pipeline import run
-    from .progress import progress_reporter
+    from .progress import ProgressReporter
 
-    with progress_reporter(settings, verbose) as on_result:
-        report = run(settings, on_result=on_result, keep_results=False)
+    with ProgressReporter(settings, verbose) as reporter:
+        report = run(settings, reporter, keep_results=False)
     click.echo(report.summary())
     if report.interrupted:
         return EXIT_INTERRUPTED
@@ -153,9 +216,8 @@ def _download(settings: Settings, verbose: int) -> int:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on. [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Port; 0 = any free port. [default: 8080]")
-@click.option("--latency-ms", type=float, default=None, help="Simulated latency per image.")
-@click.option("--jitter-ms", type=float, default=None, help="Random extra latency, 0..MS.")
-@click.option("--seed", type=int, default=None, help="Seed for photos and jitter. [default: 0]")
+@server_options("Built-in server: ")
+@click.option("--seed", type=int, default=None, help="Seed for photos and faults. [default: 0]")
 @click.option("--pool-size", type=int, default=None, help="Distinct photos per size. [default: 40]")
 @click.pass_context
 def serve(ctx: click.Context, /, **options: Any) -> int:
@@ -163,7 +225,13 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
     from .server import serve as run_server
 
     parent = ctx.obj or {}
-    overrides = {f"server.{key}": value for key, value in options.items()}
+    overrides = {
+        **server_overrides(options),
+        "server.host": options["host"],
+        "server.port": options["port"],
+        "server.seed": options["seed"],
+        "server.pool_size": options["pool_size"],
+    }
     settings = load_settings(parent.get("config"), overrides=overrides)
     config = settings.server
 

@@ -27,12 +27,17 @@ class RetryableFetchError(FetchError):
     ``retry_after`` carries the server's ``Retry-After`` in seconds, when it sent one.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
-    def __reduce__(self) -> tuple[type[RetryableFetchError], tuple[str, float | None]]:
-        return (type(self), (str(self), self.retry_after))
+    def __reduce__(
+        self,
+    ) -> tuple[type[RetryableFetchError], tuple[str, float | None, int | None]]:
+        return (type(self), (str(self), self.retry_after, self.status))
 
 
 class InvalidImageError(FetchError):

@@ -8,7 +8,12 @@ HTTP, and both run their single attempt under the same tenacity policy (``retry_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import heapq
+import itertools
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -24,6 +29,7 @@ from tenacity import (
 )
 
 from .errors import FetchError, InvalidImageError, RetryableFetchError
+from .politeness import HostGate, host_of
 from .settings import HttpSettings
 from .thumbnails import looks_like_image
 
@@ -66,7 +72,7 @@ def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
         return
     if status == 429 or 500 <= status <= 599:
         retry_after = parse_retry_after(headers.get("Retry-After"))
-        raise RetryableFetchError(f"HTTP {status} from {url}", retry_after)
+        raise RetryableFetchError(f"HTTP {status} from {url}", retry_after, status)
     raise FetchError(f"HTTP {status} from {url}")
 
 
@@ -128,6 +134,73 @@ def _failed(exc: FetchError, attempts: int) -> FetchError:
     return exc
 
 
+def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
+    """How long a throttled host should be left alone by *every* request, or None.
+
+    A 429, or any answer with ``Retry-After``, slows the whole host: without this, 63 other
+    connections keep hammering a server that just asked us to back off.
+    """
+    if exc.retry_after is not None:
+        return min(exc.retry_after, http.max_backoff)
+    if exc.status == 429:
+        return min(max(http.backoff, 1.0), http.max_backoff)
+    return None
+
+
+class _Watchdog:
+    """One thread per process that aborts requests past their deadline.
+
+    requests has no total timeout: its read timeout bounds each ``recv``, so a server that
+    trickles one byte a second never trips it. Shutting the socket down wakes the blocked
+    read, and the shell then reports a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, list[Callable[[], None] | None]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, action: Callable[[], None]) -> list[Callable[[], None] | None]:
+        handle: list[Callable[[], None] | None] = [action]
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._seq), handle))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="deadline")
+                self._thread.start()
+            self._cond.notify()
+        return handle
+
+    @staticmethod
+    def disarm(handle: list[Callable[[], None] | None]) -> None:
+        handle[0] = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                _, _, handle = heapq.heappop(self._heap)
+            action = handle[0]
+            if action is not None:
+                with contextlib.suppress(Exception):
+                    action()
+
+
+_watchdog = _Watchdog()
+
+
+def _abort_response(resp: requests.Response) -> Callable[[], None]:
+    def abort() -> None:
+        conn = getattr(resp.raw, "connection", None)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return abort
+
+
 # ---------------------------------------------------------------------------- requests shell
 
 
@@ -136,6 +209,7 @@ def fetch_sync(
     url: str,
     http: HttpSettings,
     sleep: Callable[[float], None] = time.sleep,
+    gate: HostGate | None = None,
 ) -> Fetched:
     """GET ``url`` with requests under the retry policy. Raises ``FetchError``."""
     attempts = 0
@@ -143,7 +217,15 @@ def fetch_sync(
     def attempt() -> Fetched:
         nonlocal attempts
         attempts += 1
-        return _attempt_sync(session, url, http)
+        if gate is not None:
+            gate.wait_sync(url)
+        try:
+            return _attempt_sync(session, url, http)
+        except RetryableFetchError as exc:
+            pause = host_pause(exc, http) if gate is not None else None
+            if gate is not None and pause:
+                gate.pause(host_of(url), pause)
+            raise
 
     try:
         fetched: Fetched = Retrying(sleep=sleep, **retry_policy(http))(attempt)
@@ -156,8 +238,10 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
     import requests
 
     deadline = time.monotonic() + http.timeout
+    handle = None
     try:
         with session.get(url, stream=True, timeout=http.timeout) as resp:
+            handle = _watchdog.arm(deadline, _abort_response(resp))
             check_status(resp.status_code, resp.headers, url)
             check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             chunks: list[bytes] = []
@@ -169,6 +253,8 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
                 if time.monotonic() > deadline:
                     raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}")
                 chunks.append(chunk)
+            if time.monotonic() > deadline:  # cut short by the watchdog at an EOF
+                raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}")
             data = b"".join(chunks)
             content_type = resp.headers.get("Content-Type", "")
             check_body(content_type, data)
@@ -178,9 +264,14 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
     except requests.Timeout:
         raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        if time.monotonic() >= deadline:  # the watchdog cut a trickling body short
+            raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
         raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
     except requests.RequestException as exc:
         raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
+    finally:
+        if handle is not None:
+            _watchdog.disarm(handle)
 
 
 def new_session(http: HttpSettings) -> requests.Session:
@@ -205,6 +296,7 @@ async def fetch_async(
     url: str,
     http: HttpSettings,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    gate: HostGate | None = None,
 ) -> Fetched:
     """GET ``url`` with aiohttp under the retry policy. Raises ``FetchError``."""
     attempts = 0
@@ -212,7 +304,15 @@ async def fetch_async(
     async def attempt() -> Fetched:
         nonlocal attempts
         attempts += 1
-        return await _attempt_async(session, url, http)
+        if gate is not None:
+            await gate.wait_async(url)
+        try:
+            return await _attempt_async(session, url, http)
+        except RetryableFetchError as exc:
+            pause = host_pause(exc, http) if gate is not None else None
+            if gate is not None and pause:
+                gate.pause(host_of(url), pause)
+            raise
 
     try:
         fetched: Fetched = await AsyncRetrying(sleep=sleep, **retry_policy(http))(attempt)

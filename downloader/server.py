@@ -6,6 +6,12 @@ Each answers with a 302 to ``/cache/resized/<id>_{w}_{h}_nofilter.jpg``, which s
 JPEG. Photos are generated once from the seed and cached; their entropy is tuned so sizes
 look like photos (~55 KB at 640x480). Simulated latency applies once per image, to the
 first request, so the ideal wall time of n images is n x latency / concurrency.
+
+Fault injection (``ServerSettings.*_rate``) breaks a reproducible share of entry requests:
+which fault a URL gets depends only on the seed and its path and query (``choose_fault``).
+Transient faults (fail, throttle, reset, truncate, stall, slow) hit the first request for a
+URL only; corrupt hits every one. ``/__stats`` counts them as ``fault:<kind>``, and stalls
+that ended early (client gone, server shutting down) as ``stall:abandoned``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import random
 import re
 import threading
@@ -44,6 +51,146 @@ class Stats:
 STATS: web.AppKey[Stats] = web.AppKey("stats", Stats)
 CONFIG: web.AppKey[ServerSettings] = web.AppKey("config", ServerSettings)
 RNG: web.AppKey[random.Random] = web.AppKey("rng", random.Random)
+
+
+# ---------------------------------------------------------------------------- fault injection
+
+FAULT_KINDS = ("fail", "throttle", "reset", "truncate", "stall", "slow", "corrupt")
+PERSISTENT_FAULTS = frozenset({"corrupt"})
+JPEG_MAGIC = b"\xff\xd8\xff\xe0"
+_POLL_S = 0.05  # how often a stalled handler checks whether its client is still there
+_SLOW_PIECES = 20  # a slow body is sent in this many pieces, evenly spaced over slow_ms
+_TRUNCATE_EXTRA = 1024  # bytes a truncated body declares beyond what it sends
+
+
+def fault_rates(config: ServerSettings) -> tuple[tuple[str, float], ...]:
+    """Each fault kind with its rate, in the fixed order ``choose_fault`` stacks them."""
+    return (
+        ("fail", config.fail_rate),
+        ("throttle", config.throttle_rate),
+        ("reset", config.reset_rate),
+        ("truncate", config.truncate_rate),
+        ("stall", config.stall_rate),
+        ("slow", config.slow_rate),
+        ("corrupt", config.corrupt_rate),
+    )
+
+
+def choose_fault(config: ServerSettings, key: str) -> str | None:
+    """The fault for ``key`` (a request's path and query), or None: one draw seeded with
+    ``(seed, key)`` against the cumulative rates, so it is the same on every run."""
+    rates = fault_rates(config)
+    if not any(rate > 0 for _, rate in rates):
+        return None
+    draw = random.Random(f"{config.seed}:{key}").random()
+    edge = 0.0
+    for kind, rate in rates:
+        edge += rate
+        if draw < edge:
+            return kind
+    return None
+
+
+class Faults:
+    """Which URLs have had their transient fault, and whether the server is shutting down."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.closing = False
+
+    def pick(self, config: ServerSettings, key: str) -> str | None:
+        """The fault to inject now: transient ones only on the first request for ``key``."""
+        kind = choose_fault(config, key)
+        if kind is None or kind in PERSISTENT_FAULTS:
+            return kind
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        return kind
+
+
+FAULTS: web.AppKey[Faults] = web.AppKey("faults", Faults)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _drop(request: web.Request) -> None:
+    """Close the connection under a response: the bytes already written are flushed, then
+    the client sees EOF before the declared Content-Length."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+async def _stall(request: web.Request) -> bool:
+    """Send nothing for ``stall_s`` seconds without blocking the loop. False when the client
+    went away or the server began shutting down first."""
+    app = request.app
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app[CONFIG].stall_s
+    while (left := deadline - loop.time()) > 0:
+        if _client_gone(request) or app[FAULTS].closing:
+            return False
+        await asyncio.sleep(min(_POLL_S, left))
+    return True
+
+
+async def _send(
+    request: web.Request, body: bytes, declared: int, pieces: int = 1, spread_s: float = 0.0
+) -> web.StreamResponse:
+    """200 image/jpeg declaring ``declared`` bytes, ``body`` written in ``pieces`` spaced over
+    ``spread_s`` seconds. When ``body`` falls short of ``declared``, the connection drops."""
+    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    resp.content_length = declared
+    await resp.prepare(request)
+    step = max(1, -(-len(body) // pieces))
+    try:
+        for start in range(0, len(body), step):
+            if spread_s > 0:
+                await asyncio.sleep(spread_s / pieces)
+            await resp.write(body[start : start + step])
+    except ConnectionError:  # the client went away mid-body
+        return resp
+    if len(body) < declared:
+        _drop(request)
+    else:
+        await resp.write_eof()
+    return resp
+
+
+def _garbage(seed: int, key: str, size: int) -> bytes:
+    """JPEG magic bytes then deterministic noise: looks like a JPEG, never decodes."""
+    return JPEG_MAGIC + random.Random(f"{seed}:{key}:corrupt").randbytes(max(0, size - 4))
+
+
+async def _faulty(request: web.Request, kind: str, photo: bytes) -> web.StreamResponse:
+    """The broken answer of one fault kind (all but stall), in place of the redirect."""
+    cfg = request.app[CONFIG]
+    retry = {"Retry-After": str(cfg.retry_after)}
+    if kind == "fail":
+        raise web.HTTPServiceUnavailable(headers=retry, text="injected fault: fail")
+    if kind == "throttle":
+        raise web.HTTPTooManyRequests(headers=retry, text="injected fault: throttle")
+    if kind == "reset":
+        return await _send(request, photo[: len(photo) // 2], len(photo))
+    if kind == "truncate":
+        return await _send(request, photo, len(photo) + _TRUNCATE_EXTRA)
+    if kind == "slow":
+        return await _send(request, photo, len(photo), _SLOW_PIECES, cfg.slow_ms / 1000)
+    if kind == "corrupt":
+        body = _garbage(cfg.seed, request.path_qs, len(photo))
+        return web.Response(body=body, content_type="image/jpeg")
+    raise AssertionError(f"unknown fault kind {kind!r}")
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[FAULTS].closing = True
+
+
+# ---------------------------------------------------------------------------- routes
 
 
 @lru_cache(maxsize=256)
@@ -96,6 +243,15 @@ async def entry(request: web.Request) -> web.StreamResponse:
         photo = app[RNG].randrange(cfg.pool_size)
     tone = "g" if request.path.startswith("/g/") else "c"
     await _latency(app)
+    fault = app[FAULTS].pick(cfg, request.path_qs)
+    if fault is not None:
+        app[STATS].hit(f"fault:{fault}")
+    if fault == "stall" and not await _stall(request):
+        app[STATS].hit("stall:abandoned")
+        raise web.HTTPServiceUnavailable(text="stalled request abandoned")
+    if fault is not None and fault != "stall":
+        photo_body = render_photo(width, height, photo, cfg.seed, tone == "g")
+        return await _faulty(request, fault, photo_body)
     raise web.HTTPFound(f"/cache/resized/{photo}_{tone}_{width}_{height}_nofilter.jpg")
 
 
@@ -124,6 +280,8 @@ def make_app(config: ServerSettings | None = None) -> web.Application:
     app[CONFIG] = config
     app[STATS] = Stats()
     app[RNG] = random.Random(config.seed)
+    app[FAULTS] = Faults()
+    app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/__stats", stats)
     app.router.add_get("/cache/resized/{name}", cached)
     for prefix in ("", "/g"):
@@ -165,7 +323,11 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
 
-def _child(config: ServerSettings, conn: Any) -> None:
+def _child(config: ServerSettings, conn: Any, parent_pid: int) -> None:
+    from .backends.pools import child_init
+
+    child_init(parent_pid)
+
     def ready(port: int) -> None:
         conn.send(port)
         conn.close()
@@ -181,7 +343,9 @@ def server_process(config: ServerSettings) -> Iterator[RunningServer]:
 
     ctx: Any = mp_context()
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(config, child), daemon=True, name="image-server")
+    proc = ctx.Process(
+        target=_child, args=(config, child, os.getpid()), daemon=True, name="image-server"
+    )
     proc.start()
     child.close()
     try:

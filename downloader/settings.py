@@ -35,6 +35,7 @@ class HttpSettings:
     max_backoff: float = 30.0
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 10
+    rate: float = 0.0  # requests per second per host; 0 = no limit
     user_agent: str = "downloader/0.1 (+https://github.com/)"
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class HttpSettings:
         _check(self.max_backoff >= 0, "http.max_backoff must be 0 or more")
         _check(self.max_bytes >= 1, "http.max_bytes must be at least 1")
         _check(self.max_redirects >= 0, "http.max_redirects must be 0 or more")
+        _check(self.rate >= 0, "http.rate must be 0 (no limit) or a positive number per second")
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,41 @@ class ServerSettings:
     jitter_ms: float = 0.0
     seed: int = 0
     pool_size: int = 40
+    # Fault injection: the share of entry URLs (first request only, except corrupt) that fail.
+    fail_rate: float = 0.0  # 503 with Retry-After
+    throttle_rate: float = 0.0  # 429 with Retry-After
+    reset_rate: float = 0.0  # part of the body, then the connection drops
+    truncate_rate: float = 0.0  # Content-Length over the body, then the connection closes
+    stall_rate: float = 0.0  # nothing at all for stall_s seconds
+    slow_rate: float = 0.0  # the body trickles over about slow_ms milliseconds
+    corrupt_rate: float = 0.0  # JPEG magic bytes then garbage, on every request
+    retry_after: int = 1
+    stall_s: float = 3600.0
+    slow_ms: float = 1000.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port must be between 0 and 65535")
         _check(self.latency_ms >= 0, "server.latency_ms must be 0 or more")
         _check(self.jitter_ms >= 0, "server.jitter_ms must be 0 or more")
         _check(self.pool_size >= 1, "server.pool_size must be at least 1")
+        rates = {
+            "fail_rate": self.fail_rate,
+            "throttle_rate": self.throttle_rate,
+            "reset_rate": self.reset_rate,
+            "truncate_rate": self.truncate_rate,
+            "stall_rate": self.stall_rate,
+            "slow_rate": self.slow_rate,
+            "corrupt_rate": self.corrupt_rate,
+        }
+        for name, rate in rates.items():
+            _check(0 <= rate <= 1, f"server.{name} must be between 0 and 1")
+        _check(
+            sum(rates.values()) <= 1 + 1e-9,
+            f"server fault rates ({' + '.join(rates)}) must add up to at most 1",
+        )
+        _check(self.retry_after >= 0, "server.retry_after must be 0 or more seconds")
+        _check(self.stall_s >= 0, "server.stall_s must be 0 or more seconds")
+        _check(self.slow_ms >= 0, "server.slow_ms must be 0 or more milliseconds")
 
     def replace_port(self, port: int) -> ServerSettings:
         return dataclasses.replace(self, port=port)
@@ -95,6 +126,8 @@ class Settings:
     keywords: str = ""
     local: bool = False
     progress: bool = True
+    resume: bool = False
+    retry_failed: bool = False
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)

@@ -107,6 +107,11 @@ def prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StorageError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    sweep_temps(out)
+
+
+def sweep_temps(out: Path) -> None:
+    """Remove the temp files of writes that never finished (a killed or interrupted run)."""
     for folder in (out, out / THUMBS):
         for stale in folder.glob(f".*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)

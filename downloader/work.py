@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import FetchError
 from .fetch import Fetched, fetch_async, fetch_sync
 from .jobs import Job, check_url
+from .politeness import HostGate
 from .result import Result
 from .settings import Settings
 from .storage import safe_name, sha256, thumbnail_name, write_files, write_files_async
@@ -35,38 +36,46 @@ def cpu_stage(settings: Settings) -> CpuStage:
 
 
 def handle_sync(
-    session: requests.Session, job: Job, settings: Settings, cpu: CpuStage | None = None
+    session: requests.Session,
+    job: Job,
+    settings: Settings,
+    cpu: CpuStage | None = None,
+    gate: HostGate | None = None,
 ) -> Result:
     """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given."""
     start = time.perf_counter()
     try:
         _reject_bad_url(job)
-        fetched = fetch_sync(session, job.url, settings.http)
+        fetched = fetch_sync(session, job.url, settings.http, gate=gate)
         info = (cpu or cpu_stage(settings))(fetched.data)
         image, thumb, files = _files(settings, job, fetched, info)
         write_files(files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=1)
+        return failure(job, exc, start, attempts=fetched.attempts)
     return success(job, fetched, info, image, thumb, start)
 
 
 async def handle_async(
-    session: aiohttp.ClientSession, job: Job, settings: Settings, cpu: AsyncCpuStage
+    session: aiohttp.ClientSession,
+    job: Job,
+    settings: Settings,
+    cpu: AsyncCpuStage,
+    gate: HostGate | None = None,
 ) -> Result:
     """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop."""
     start = time.perf_counter()
     try:
         _reject_bad_url(job)
-        fetched = await fetch_async(session, job.url, settings.http)
+        fetched = await fetch_async(session, job.url, settings.http, gate=gate)
         info = await cpu(fetched.data)
         image, thumb, files = _files(settings, job, fetched, info)
         await write_files_async(files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=1)
+        return failure(job, exc, start, attempts=fetched.attempts)
     return success(job, fetched, info, image, thumb, start)
 
 

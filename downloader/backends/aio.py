@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from ..jobs import Job
+from ..politeness import HostGate
 from ..settings import Settings
 from ..thumbnails import ImageInfo, inspect_image
 from ..work import handle_async
@@ -65,11 +66,12 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
                 pool, inspect_image, data, thumbs.size, thumbs.quality
             )
 
+        gate = HostGate(settings.http.rate)
         async with new_client(settings) as session:
 
             async def worker() -> None:
                 while (job := await queue.get()) is not _DONE:
-                    emit(await handle_async(session, job, settings, cpu))
+                    emit(await handle_async(session, job, settings, cpu, gate))
 
             async def feed() -> None:
                 for job in jobs:

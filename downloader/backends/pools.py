@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -34,6 +37,29 @@ def mp_context() -> BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def child_init(parent_pid: int) -> None:
+    """Set up a child process (pool worker, local server) of the run in ``parent_pid``.
+
+    Ctrl-C is left to the parent, which stops the run in order (a terminal sends SIGINT to
+    the whole process group). And the child exits when the parent is gone: pool workers
+    hold both ends of their call queue, so a parent killed with -9 would otherwise leave
+    them (and the forkserver) waiting forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # pragma: no cover - pid reused by another user
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -51,7 +77,9 @@ def cpu_executor(thumbnails: ThumbnailSettings) -> Iterator[Executor | None]:
         return
     pool: Executor
     if thumbnails.executor == "process":
-        pool = ProcessPoolExecutor(cpu_count(), mp_context=mp_context())
+        pool = ProcessPoolExecutor(
+            cpu_count(), mp_context=mp_context(), initializer=child_init, initargs=(os.getpid(),)
+        )
     else:
         pool = ThreadPoolExecutor(cpu_count(), thread_name_prefix="thumbnail")
     try:
@@ -77,6 +105,14 @@ def bounded_map(
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
+    except KeyboardInterrupt:
+        # Stop scheduling; what is already running finishes (bounded by the request
+        # deadline) and is recorded rather than left as files without manifest lines.
+        running = [f for f in pending if not f.cancel()]
+        for future in running:
+            with contextlib.suppress(Exception):
+                yield future.result()
+        raise
     finally:
         for future in pending:
             future.cancel()

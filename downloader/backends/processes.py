@@ -9,6 +9,7 @@ That is the cost this backend exists to show: 10 kitchens, 10 cooks.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -16,26 +17,32 @@ import requests
 
 from ..fetch import new_session
 from ..jobs import Job
+from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..work import handle_sync
 from .base import Emit
-from .pools import bounded_map, mp_context
+from .pools import bounded_map, child_init, mp_context
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None
 _settings: Settings | None = None
 
 
-def _init_worker(settings: Settings) -> None:
-    global _session, _settings
+_gate: HostGate | None = None
+
+
+def _init_worker(settings: Settings, workers: int, parent: int) -> None:
+    global _session, _settings, _gate
+    child_init(parent)
     _settings = settings
     _session = new_session(settings.http)
+    _gate = HostGate(settings.http.rate / workers)  # each worker gets its share of the rate
 
 
 def _run_chunk(jobs: list[Job]) -> list[Result]:
     assert _session is not None and _settings is not None, "worker not initialised"
-    return [handle_sync(_session, job, _settings) for job in jobs]
+    return [handle_sync(_session, job, _settings, gate=_gate) for job in jobs]
 
 
 def _chunks(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
@@ -52,7 +59,10 @@ class ProcessesBackend:
         # Small chunks keep the progress bar and load balance smooth; >1 halves IPC turns.
         chunk = 1 if settings.count <= 4 * workers else 2
         with ProcessPoolExecutor(
-            workers, mp_context=mp_context(), initializer=_init_worker, initargs=(settings,)
+            workers,
+            mp_context=mp_context(),
+            initializer=_init_worker,
+            initargs=(settings, workers, os.getpid()),
         ) as pool:
             for results in bounded_map(pool, _run_chunk, _chunks(jobs, chunk), 2 * workers):
                 for result in results:

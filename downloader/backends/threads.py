@@ -15,6 +15,7 @@ import requests
 
 from ..fetch import new_session
 from ..jobs import Job
+from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..thumbnails import ImageInfo, inspect_image
@@ -49,8 +50,10 @@ class ThreadsBackend:
                 def cpu(data: bytes) -> ImageInfo:
                     return pool.submit(inspect_image, data, thumbs.size, thumbs.quality).result()
 
+            gate = HostGate(settings.http.rate)
+
             def work(job: Job) -> Result:
-                return handle_sync(session(), job, settings, cpu)
+                return handle_sync(session(), job, settings, cpu, gate)
 
             concurrency = settings.http.concurrency
             try:
