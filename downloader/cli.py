@@ -247,3 +247,118 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     return EXIT_OK
+
+
+@main.command()
+@click.option("-n", "--count", type=int, help="Images per run. [default: scenario's, or 200]")
+@click.option(
+    "--backends",
+    default="sync,threads,asyncio,processes",
+    show_default=True,
+    help="Comma-separated backends to compare.",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(["io", "cpu"]),
+    help="io: 200 ms latency, 320x240, 100 connections. cpu: no latency, 1920x1080, "
+    "8 connections, so thumbnails dominate. Flags given as well win.",
+)
+@click.option(
+    "--local/--no-local", default=True, show_default=True, help="Use the built-in server."
+)
+@click.option("--latency-ms", type=float, help="Simulated latency per image (built-in server).")
+@click.option("--size", metavar="WxH", help="Image size.")
+@click.option("--concurrency", type=int, help="Downloads in flight for every backend.")
+@click.option("--thumbnail-size", type=int, metavar="PX", help="Thumbnail size; 0 = off.")
+@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write raw numbers.")
+@click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG bar chart.")
+@click.option("--keep", type=click.Path(path_type=Path), help="Keep each run's output here.")
+@click.pass_context
+def compare(ctx: click.Context, /, **options: Any) -> int:
+    """Run several backends on the same workload and print a table side by side.
+
+    Each run is a fresh process with a fresh output folder; the built-in server runs in a
+    process of its own. Wall time is the median of --repeat runs.
+    """
+    import json
+
+    from .compare import SCENARIOS, rows_to_json, verdict, write_chart
+    from .compare import compare as run_compare
+
+    parent = ctx.obj or {}
+    preset = SCENARIOS.get(options["scenario"] or "", {"count": 200})
+    size = _size(options["size"]) or preset.get("size")
+    overrides: dict[str, Any] = {
+        "count": options["count"] or preset["count"],
+        "local": options["local"],
+        "server.latency_ms": _first(options["latency_ms"], preset.get("latency_ms")),
+        "http.concurrency": options["concurrency"] or preset.get("concurrency"),
+        "thumbnails.size": options["thumbnail_size"],
+        "progress": False,
+    }
+    if size is not None:
+        overrides["width"], overrides["height"] = size
+    settings = load_settings(parent.get("config"), overrides=overrides)
+    backends = [name.strip() for name in options["backends"].split(",") if name.strip()]
+    for name in backends:
+        if name not in BACKENDS:
+            raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if options["chart"] is not None:
+        _check_chart_dependency()
+    rows = run_compare(settings, backends, options["repeat"], options["keep"])
+    _print_table(rows, settings, options["scenario"])
+    click.echo(verdict(rows))
+    if options["json_path"] is not None:
+        data = rows_to_json(rows, settings, options["scenario"])
+        options["json_path"].write_text(json.dumps(data, indent=2) + "\n")
+    if options["chart"] is not None:
+        title = f"{options['scenario'] or 'custom'}: {settings.count} x {settings.width}x" + str(
+            settings.height
+        )
+        write_chart(rows, options["chart"], title)
+    failed = sum(run.failed for row in rows for run in row.runs)
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def _check_chart_dependency() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("--chart needs matplotlib: pip install 'downloader[chart]'") from None
+
+
+def _print_table(rows: list[Any], settings: Settings, scenario: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fastest = min(row.wall_s for row in rows)
+    latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
+    table = Table(
+        title=f"{scenario or 'custom'}: {settings.count} images of {settings.width}x"
+        f"{settings.height}{latency}, concurrency {settings.http.concurrency}, "
+        f"thumbnails {settings.thumbnails.size or 'off'}",
+    )
+    for column in (
+        "backend", "wall s", "images/s", "MB/s", "p50 ms", "p95 ms",
+        "CPU s", "peak RSS MB", "failed", "vs fastest",
+    ):  # fmt: skip
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in rows:
+        table.add_row(
+            row.backend,
+            f"{row.wall_s:.2f}",
+            f"{row.images_per_s:.1f}",
+            f"{row.mb_per_s:.2f}",
+            f"{row.median('p50_ms'):.0f}",
+            f"{row.median('p95_ms'):.0f}",
+            f"{row.median('cpu_s'):.2f}",
+            f"{row.median('peak_rss_mb'):.0f}",
+            str(sum(run.failed for run in row.runs)),
+            f"{row.wall_s / fastest:.2f}x",
+        )
+    Console(width=120).print(table)

@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -274,12 +275,20 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
             _watchdog.disarm(handle)
 
 
+def proxies_configured() -> bool:
+    """Whether the environment names a proxy. Without one, the clients need not look: with
+    ``trust_env`` requests re-reads every proxy variable on each request (measured: ~1 ms
+    per request, a fifth of a small image's CPU)."""
+    return any(name.lower().endswith("_proxy") for name in os.environ)
+
+
 def new_session(http: HttpSettings) -> requests.Session:
     """A requests Session sized for one thread or process."""
     import requests
     from requests.adapters import HTTPAdapter
 
     session = requests.Session()
+    session.trust_env = proxies_configured()
     session.max_redirects = http.max_redirects
     session.headers["User-Agent"] = http.user_agent
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)

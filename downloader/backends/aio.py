@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from ..fetch import proxies_configured
 from ..jobs import Job
 from ..politeness import HostGate
 from ..settings import Settings
@@ -47,7 +48,9 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
         ttl_dns_cache=300,
     )
     return aiohttp.ClientSession(
-        connector=connector, headers={"User-Agent": http.user_agent}, trust_env=True
+        connector=connector,
+        headers={"User-Agent": http.user_agent},
+        trust_env=proxies_configured(),
     )
 
 

@@ -1,0 +1,79 @@
+"""compare: real child-process runs of two backends against the built-in server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from downloader.cli import main
+from downloader.compare import Row, Run, settings_from_json, settings_to_json, verdict
+from downloader.settings import Settings
+
+
+def test_settings_round_trip_through_json() -> None:
+    settings = Settings(count=7, backend="threads", out=Path("x"), keywords="cat")
+    assert settings_from_json(settings_to_json(settings)) == settings
+
+
+def test_verdict_names_the_winner_and_the_ratio() -> None:
+    def row(name: str, wall: float) -> Row:
+        return Row(name, [Run(name, 0, 10, 0, 1000, wall, 1.0, 50.0, 1.0, 2.0)])
+
+    text = verdict([row("sync", 4.0), row("asyncio", 1.0), row("threads", 2.0)])
+    assert text == "asyncio won: 2.00x faster than threads, 4.00x faster than sync"
+
+
+def test_compare_runs_each_backend_and_writes_json(tmp_path: Path) -> None:
+    out_json = tmp_path / "cmp.json"
+    keep = tmp_path / "runs"
+    result = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            "-n",
+            "6",
+            "--backends",
+            "sync,asyncio",
+            "--latency-ms",
+            "20",
+            "--concurrency",
+            "3",
+            "--repeat",
+            "2",
+            "--json",
+            str(out_json),
+            "--keep",
+            str(keep),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "sync" in result.output and "asyncio" in result.output
+    assert " won: " in result.output
+    data = json.loads(out_json.read_text())
+    assert set(data["backends"]) == {"sync", "asyncio"}
+    for numbers in data["backends"].values():
+        assert len(numbers["runs"]) == 2
+        for run in numbers["runs"]:
+            assert run["ok"] == 6 and run["failed"] == 0
+            assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["peak_rss_mb"] > 0
+    # A fresh output folder per run, each with its own complete manifest.
+    for name in ("sync-0", "sync-1", "asyncio-0", "asyncio-1"):
+        assert len((keep / name / "manifest.jsonl").read_text().splitlines()) == 6
+
+
+def test_compare_rejects_unknown_backend() -> None:
+    result = CliRunner().invoke(main, ["compare", "--backends", "sync,bogus"])
+    assert result.exit_code == 2
+    assert "bogus" in result.stderr and "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="has matplotlib")
+def test_chart_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", "-n", "2", "--chart", str(tmp_path / "c.png")])
+    assert result.exit_code == 2
+    assert "downloader[chart]" in result.stderr
+    assert not (tmp_path / "c.png").exists()
