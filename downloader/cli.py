@@ -108,6 +108,11 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         "url": options.get("url"),
         "out": options.get("out"),
         "keywords": options.get("keywords"),
+        "urls": options.get("urls"),
+        "match": options.get("match"),
+        "gray": True if options.get("gray") else None,
+        "unique": True if options.get("unique") else None,
+        "name_template": options.get("name_template"),
         "local": True if options.get("local") else None,
         "progress": False if options.get("quiet") else None,
         "http.concurrency": options.get("concurrency"),
@@ -144,6 +149,29 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. [default: pic]")
 @click.option("--size", metavar="WxH", help="Image size asked of the server. [default: 320x240]")
 @click.option("--keywords", help="Comma-separated keywords for {keywords}, e.g. cat,dog.")
+@click.option(
+    "--match",
+    type=click.Choice(["all", "any"]),
+    help="loremflickr: photos matching all keywords, or any of them.",
+)
+@click.option("--gray", is_flag=True, help="loremflickr: grayscale photos (the /g/ prefix).")
+@click.option(
+    "--urls",
+    metavar="FILE",
+    help="Fetch the URLs in FILE instead of a template: one per line (# comments), or a "
+    "CSV/TSV with a url column; - reads stdin. -n is ignored.",
+)
+@click.option(
+    "--unique",
+    is_flag=True,
+    help="Keep fetching until N images with distinct content are on disk (bounded).",
+)
+@click.option(
+    "--name-template",
+    metavar="T",
+    help="File names, e.g. '{index:05d}-{sha8}{ext}'. Fields: index, stem (remote name), "
+    "sha8, sha256, ext, width, height. [default: '{index:06d}-{stem}{ext}']",
+)
 @click.option(
     "--concurrency", type=int, help="Downloads in flight (processes: worker count). [default: 32]"
 )
@@ -208,8 +236,12 @@ def _download(settings: Settings, verbose: int) -> int:
     with ProgressReporter(settings, verbose) as reporter:
         report = run(settings, reporter, keep_results=False)
     click.echo(report.summary())
+    if report.note:
+        click.echo(report.note, err=True)
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if settings.unique:
+        return EXIT_OK if (report.unique or 0) >= settings.count else EXIT_FAILED
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 

@@ -1,10 +1,15 @@
-"""Jobs: what to fetch. A URL template expands lazily into ``Job(index, url)``."""
+"""Jobs: what to fetch. A URL template or a URL list expands lazily into ``Job(index, url)``."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import string
-from collections.abc import Iterator
+import sys
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -20,27 +25,51 @@ class Job:
 
 def check_url(url: str) -> str | None:
     """Why ``url`` cannot be fetched, or None when it looks fetchable."""
+    if not url:
+        return "empty URL"
     try:
         parts = urlsplit(url)
+        host = parts.hostname
     except ValueError as exc:
         return f"invalid URL {url!r}: {exc}"
     if parts.scheme not in ("http", "https"):
         return f"URL must start with http:// or https://: {url!r}"
-    if not parts.hostname:
+    if not host:
         return f"URL has no host: {url!r}"
     if any(ord(c) < 33 or c == "\x7f" for c in url):
         return f"URL contains spaces or control characters: {url!r}"
     return None
 
 
+class JobSource(Protocol):
+    def jobs(self) -> Iterator[Job]:
+        """Every job, lazily, in index order."""
+        ...
+
+    def urls_for(self, indices: Collection[int]) -> dict[int, str]:
+        """The URL of each of ``indices`` (for --resume to check a record still applies)."""
+        ...
+
+    def extra(self, start: int, count: int) -> Iterator[Job]:
+        """More jobs from index ``start`` (for --unique); none when the source cannot."""
+        ...
+
+
 @dataclass(frozen=True)
 class Template:
-    """A validated URL template; ``render(i)`` is the URL of job ``i``."""
+    """A validated URL template; ``render(i)`` is the URL of job ``i``.
+
+    ``gray`` and ``match`` compose loremflickr's URL forms into a template that has the
+    default's ``/{width}/{height}`` and ``/{keywords}`` segments: ``/g/320/240/cat,dog/all``.
+    """
 
     text: str
     width: int
     height: int
     keywords: str
+    count: int = 1
+    gray: bool = False
+    match: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -53,6 +82,10 @@ class Template:
                     f"unknown placeholder {{{name}}} in URL template; "
                     f"use {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
                 )
+        if self.gray and "/{width}/{height}" not in self.text:
+            raise ConfigError("--gray needs a URL template with /{width}/{height}")
+        if self.match and "/{keywords}" not in self.text:
+            raise ConfigError("--match needs a URL template with /{keywords}")
         try:
             first = self.render(0)
         except (ValueError, IndexError, KeyError) as exc:
@@ -61,15 +94,107 @@ class Template:
         if problem:
             raise ConfigError(problem)
 
-    def render(self, index: int) -> str:
+    def composed(self) -> str:
         text = self.text
         if not self.keywords:
             # loremflickr's /{w}/{h}/{keywords}: no keywords means no path segment at all.
             text = text.replace("/{keywords}", "")
-        return text.format(i=index, width=self.width, height=self.height, keywords=self.keywords)
+        elif self.match:
+            text = text.replace("/{keywords}", "/{keywords}/" + self.match)
+        if self.gray:
+            text = text.replace("/{width}/{height}", "/g/{width}/{height}", 1)
+        return text
+
+    def render(self, index: int) -> str:
+        return self.composed().format(
+            i=index, width=self.width, height=self.height, keywords=self.keywords
+        )
+
+    def jobs(self) -> Iterator[Job]:
+        return self.extra(0, self.count)
+
+    def extra(self, start: int, count: int) -> Iterator[Job]:
+        """Lazily yield ``count`` jobs from ``start``: memory O(1) whatever ``count`` is."""
+        for index in range(start, start + count):
+            yield Job(index, self.render(index))
+
+    def urls_for(self, indices: Collection[int]) -> dict[int, str]:
+        return {i: self.render(i) for i in indices if 0 <= i < self.count}
 
 
 def expand(template: Template, count: int, start: int = 0) -> Iterator[Job]:
-    """Lazily yield ``count`` jobs; memory stays O(1) whatever ``count`` is."""
-    for index in range(start, start + count):
-        yield Job(index, template.render(index))
+    return template.extra(start, count)
+
+
+@dataclass(frozen=True)
+class UrlList:
+    """URLs from a file (or ``-``, stdin), streamed: one per line (blank lines and ``#``
+    comments skipped), or a CSV/TSV with a ``url`` column. Index = position in the list;
+    a line that is not a URL still gets its index and becomes a failed result."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        if self.path != "-":
+            file = Path(self.path)
+            if not file.is_file():
+                raise ConfigError(f"URL list not found: {self.path}")
+            with self._open() as fh:
+                _rows(fh, self.path)  # a missing url column is an error before any work
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[IO[str]]:
+        if self.path == "-":
+            yield sys.stdin
+            return
+        try:
+            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+                yield fh
+        except OSError as exc:
+            raise ConfigError(f"cannot read URL list {self.path}: {exc.strerror}") from None
+
+    def jobs(self) -> Iterator[Job]:
+        with self._open() as fh:
+            for index, url in enumerate(_rows(fh, self.path)):
+                yield Job(index, url)
+
+    def extra(self, start: int, count: int) -> Iterator[Job]:
+        return iter(())
+
+    def urls_for(self, indices: Collection[int]) -> dict[int, str]:
+        wanted = set(indices)
+        return {job.index: job.url for job in self.jobs() if job.index in wanted}
+
+
+def _rows(fh: IO[str], name: str) -> Iterator[str]:
+    """The URLs of an open list: plain lines, or the ``url`` column of a CSV/TSV.
+
+    Validates the header eagerly (a generator would only fail on first use)."""
+    first = fh.readline()
+    header = first.strip()
+    lowered = header.lower()
+    delimiter = "\t" if (name.endswith(".tsv") or "\t" in header) else ","
+    is_table = name.endswith((".csv", ".tsv")) or (
+        delimiter in header and "url" in [c.strip().lower() for c in lowered.split(delimiter)]
+    )
+    if not is_table:
+        return _plain_lines(first, fh)
+    columns = [c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter), [])]
+    if "url" not in columns:
+        raise ConfigError(f"no 'url' column in {name} (columns: {', '.join(columns) or 'none'})")
+    position = columns.index("url")
+    reader = csv.reader(fh, delimiter=delimiter)
+    return (row[position].strip() if len(row) > position else "" for row in reader if row)
+
+
+def _plain_lines(first: str, fh: IO[str]) -> Iterator[str]:
+    for line in _chain(first, fh):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            yield text
+
+
+def _chain(first: str, fh: IO[str]) -> Iterator[str]:
+    if first:
+        yield first
+        yield from fh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import signal
@@ -14,9 +15,9 @@ from types import FrameType
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from .backends import get_backend
-from .jobs import Job, Template, expand
-from .result import Report, Result
+from .backends import Backend, Emit, get_backend
+from .jobs import Job, JobSource, Template, UrlList
+from .result import DUPLICATE, Report, Result
 from .settings import Settings
 from .storage import ManifestWriter, prepare_out, read_manifest, still_valid, sweep_temps
 
@@ -24,7 +25,7 @@ from .storage import ManifestWriter, prepare_out, read_manifest, still_valid, sw
 class Observer(Protocol):
     """What a UI (the CLI's progress bar) hears from a run."""
 
-    def start(self, to_run: int, kept: int) -> None: ...
+    def start(self, to_run: int | None, kept: int) -> None: ...
 
     def result(self, result: Result) -> None: ...
 
@@ -36,33 +37,47 @@ def template_for(settings: Settings, base_url: str | None = None) -> Template:
         parts = urlsplit(text)
         base = urlsplit(base_url)
         text = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, parts.fragment))
-    return Template(text, settings.width, settings.height, settings.keywords)
+    return Template(
+        text,
+        settings.width,
+        settings.height,
+        settings.keywords,
+        count=settings.count,
+        gray=settings.gray,
+        match=settings.match,
+    )
+
+
+def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
+    """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
+    if settings.urls:
+        return UrlList(settings.urls)
+    return template_for(settings, base_url)
 
 
 @contextlib.contextmanager
-def _source(settings: Settings) -> Iterator[Template]:
-    """The template to fetch from: as configured, or pointed at a built-in server."""
+def _source(settings: Settings) -> Iterator[JobSource]:
+    """The jobs to fetch: as configured, or pointed at a built-in server."""
     if not settings.local:
-        yield template_for(settings)
+        yield source_for(settings)
         return
     from .server import server_process
 
     with server_process(settings.server.replace_port(0)) as server:
-        yield template_for(settings, server.base_url)
+        yield source_for(settings, server.base_url)
 
 
 def run(settings: Settings, observer: Observer | None = None, keep_results: bool = True) -> Report:
-    """Download ``settings.count`` images. Raises ``ConfigError``/``StorageError`` for bad
+    """Download what ``settings`` asks for. Raises ``ConfigError``/``StorageError`` for bad
     settings; per-image failures are in the report, never raised. Ctrl-C or SIGTERM stops
     the run cleanly: the report says ``interrupted``."""
     backend = get_backend(settings.backend)
-    template_for(settings)  # a bad template is a ConfigError before OUT is touched
+    source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
     prepare_out(settings.out)
     report = Report(backend.name)
-    with _source(settings) as template:
-        kept = _kept(settings, template)
+    with _source(settings) as source:
+        kept = _kept(settings, source)
         report.skipped = len(kept)
-        jobs = _jobs_to_run(settings, template, kept)
         if observer is not None:
             observer.start(_count_to_run(settings, kept), len(kept))
         with ManifestWriter(settings.out, iter(kept.values())) as manifest:
@@ -78,7 +93,10 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
             usage = _Usage()
             try:
                 with _interruptible():
-                    backend.run(jobs, settings, emit)
+                    if settings.unique:
+                        _run_unique(backend, source, settings, emit, observer, report)
+                    else:
+                        backend.run(_jobs_to_run(settings, source, kept), settings, emit)
             except KeyboardInterrupt:
                 report.interrupted = True
             usage.finish(report)
@@ -86,47 +104,115 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     return report
 
 
+# ---------------------------------------------------------------------------- unique
+
+
+def _run_unique(
+    backend: Backend,
+    source: JobSource,
+    settings: Settings,
+    emit: Emit,
+    observer: Observer | None,
+    report: Report,
+) -> None:
+    """Fetch until ``count`` images with distinct content are on disk.
+
+    A duplicate (same sha256 as an image already kept, e.g. loremflickr's fallback
+    placeholder, or a photo its pool of ~100 served twice) has its files removed and is
+    recorded as failed; then more jobs run: new ``{i}`` values, or the same URL again where
+    the server picks at random. At most ``2 * count + 20`` extra jobs, then a clear note.
+    """
+    seen: dict[str, Result] = {}
+
+    def keep_unique(result: Result) -> None:
+        if result.ok and result.sha256 is not None:
+            first = seen.setdefault(result.sha256, result)
+            if first is not result:
+                result = _as_duplicate(settings, result, first)
+        emit(result)
+
+    budget = 2 * settings.count + 20
+    jobs, next_index, issued = source.jobs(), settings.count, settings.count
+    while True:
+        backend.run(jobs, settings, keep_unique)
+        missing = settings.count - len(seen)
+        if missing <= 0 or isinstance(source, UrlList):
+            break
+        extra = min(missing, budget - (issued - settings.count))
+        if extra <= 0:
+            report.note = (
+                f"gave up: {len(seen)} distinct images of {settings.count} wanted after "
+                f"{issued} fetches; the source seems to have no more distinct images"
+            )
+            break
+        if observer is not None:
+            observer.start(issued + extra, 0)
+        jobs, next_index, issued = (
+            source.extra(next_index, extra),
+            next_index + extra,
+            issued + extra,
+        )
+    report.unique = len(seen)
+
+
+def _as_duplicate(settings: Settings, result: Result, first: Result) -> Result:
+    for name in (result.path, result.thumbnail):
+        # A sha-based name template gives the duplicate the first one's own path: keep it.
+        if name and name not in (first.path, first.thumbnail):
+            (settings.out / name).unlink(missing_ok=True)
+    return dataclasses.replace(
+        result,
+        status="failed",
+        path=None,
+        thumbnail=None,
+        error=f"{DUPLICATE}{first.index} (same sha256); removed",
+    )
+
+
 # ---------------------------------------------------------------------------- resume
 
 
-def _same_job(record: Result, job: Job, local: bool) -> bool:
-    if record.url == job.url:
+def _same_job(record: Result, url: str | None, local: bool) -> bool:
+    if url is None:
+        return False
+    if record.url == url:
         return True
     # The built-in server gets a new port each run: compare what was asked of it.
-    old, new = urlsplit(record.url), urlsplit(job.url)
+    old, new = urlsplit(record.url), urlsplit(url)
     return local and (old.path, old.query) == (new.path, new.query)
 
 
-def _kept(settings: Settings, template: Template) -> dict[int, Result]:
+def _kept(settings: Settings, source: JobSource) -> dict[int, Result]:
     """Records --resume / --retry-failed keep: ok, same URL, file intact (sha256)."""
     if not (settings.resume or settings.retry_failed):
         return {}
-    kept: dict[int, Result] = {}
-    for index, record in read_manifest(settings.out).items():
-        if 0 <= index < settings.count and record.ok:
-            job = Job(index, template.render(index))
-            if _same_job(record, job, settings.local) and still_valid(settings.out, record):
-                kept[index] = record
-    return kept
+    candidates = {i: r for i, r in read_manifest(settings.out).items() if r.ok}
+    urls = source.urls_for(candidates)
+    return {
+        index: record
+        for index, record in candidates.items()
+        if _same_job(record, urls.get(index), settings.local) and still_valid(settings.out, record)
+    }
 
 
 def _failed_before(settings: Settings) -> set[int]:
-    records = read_manifest(settings.out)
-    return {i for i, r in records.items() if 0 <= i < settings.count and not r.ok}
+    return {i for i, r in read_manifest(settings.out).items() if not r.ok}
 
 
-def _jobs_to_run(settings: Settings, template: Template, kept: dict[int, Result]) -> Iterable[Job]:
+def _jobs_to_run(settings: Settings, source: JobSource, kept: dict[int, Result]) -> Iterable[Job]:
     if settings.retry_failed:
-        wanted = sorted(_failed_before(settings) - kept.keys())
-        return (Job(i, template.render(i)) for i in wanted)
+        wanted = _failed_before(settings) - kept.keys()
+        return (job for job in source.jobs() if job.index in wanted)
     if kept:
-        return (job for job in expand(template, settings.count) if job.index not in kept)
-    return expand(template, settings.count)
+        return (job for job in source.jobs() if job.index not in kept)
+    return source.jobs()
 
 
-def _count_to_run(settings: Settings, kept: dict[int, Result]) -> int:
+def _count_to_run(settings: Settings, kept: dict[int, Result]) -> int | None:
     if settings.retry_failed:
         return len(_failed_before(settings) - kept.keys())
+    if settings.urls:
+        return None  # a streamed list is not counted up front
     return settings.count - len(kept)
 
 

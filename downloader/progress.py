@@ -40,7 +40,7 @@ class ProgressReporter:
         )
         self.task = self.progress.add_task("download", total=None, ok=0, failed=0)
 
-    def start(self, to_run: int, kept: int) -> None:
+    def start(self, to_run: int | None, kept: int) -> None:
         if kept:
             self.console.print(f"resuming: {kept} images kept, {to_run} to fetch", markup=False)
         self.progress.update(self.task, total=to_run)
@@ -49,7 +49,7 @@ class ProgressReporter:
         self.counts[result.status] += 1
         ok, failed = self.counts["ok"], self.counts["failed"]
         self.progress.update(self.task, advance=1, ok=ok, failed=failed)
-        if result.ok:
+        if result.ok or (result.duplicate and not self.verbose):
             return
         failures = self.counts["failed"]
         if self.verbose or failures <= MAX_FAILURE_LINES:

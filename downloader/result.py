@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which is removed
+
 
 @dataclass(frozen=True)
 class Result:
@@ -28,6 +30,10 @@ class Result:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def duplicate(self) -> bool:
+        return not self.ok and (self.error or "").startswith(DUPLICATE)
+
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -45,6 +51,7 @@ class Report:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # kept from an earlier run by --resume
+    duplicates: int = 0  # --unique: fetched, same content as another, removed
     bytes: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
@@ -52,11 +59,15 @@ class Report:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     results: list[Result] = field(default_factory=list, repr=False)
     interrupted: bool = False
+    unique: int | None = None  # --unique: distinct images kept
+    note: str | None = None  # something the user must hear, e.g. why --unique gave up
 
     def add(self, result: Result) -> None:
         if result.ok:
             self.ok += 1
             self.bytes += result.bytes
+        elif result.duplicate:
+            self.duplicates += 1
         else:
             self.failed += 1
         self.latencies_ms.append(result.elapsed_ms)
@@ -79,6 +90,7 @@ class Report:
         parts = [
             f"{self.backend}: {self.ok} ok, {self.failed} failed",
             *([f"{self.skipped} kept"] if self.skipped else []),
+            *([f"{self.duplicates} duplicates removed"] if self.unique is not None else []),
             f"in {self.wall_s:.2f} s",
             f"{self.images_per_s:.1f} images/s",
             f"{self.mb_per_s:.2f} MB/s",

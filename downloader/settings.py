@@ -128,6 +128,11 @@ class Settings:
     progress: bool = True
     resume: bool = False
     retry_failed: bool = False
+    urls: str = ""  # a URL list file, or "-" for stdin; replaces the template
+    gray: bool = False
+    match: str = ""  # "", "all" or "any": how loremflickr combines keywords
+    unique: bool = False
+    name_template: str = ""
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -139,6 +144,20 @@ class Settings:
             self.backend in BACKENDS,
             f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}",
         )
+        _check(self.match in ("", "all", "any"), "match must be all or any")
+        _check(
+            not (self.unique and (self.resume or self.retry_failed)),
+            "--unique cannot be combined with --resume or --retry-failed",
+        )
+        _check(
+            not (self.urls == "-" and (self.resume or self.retry_failed)),
+            "--resume and --retry-failed need a URL list file, not stdin",
+        )
+        _check(not (self.urls and self.local), "--local serves URL templates, not --urls lists")
+        if self.name_template:
+            from .storage import check_name_template
+
+            check_name_template(self.name_template)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

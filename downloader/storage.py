@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import unicodedata
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-from .errors import StorageError
+from .errors import ConfigError, StorageError
 from .result import Result
 
 MANIFEST = "manifest.jsonl"
@@ -43,15 +44,58 @@ def safe_stem(final_url: str) -> str:
     return stem[:MAX_STEM].rstrip("._-")
 
 
-def safe_name(index: int, final_url: str, ext: str) -> str:
-    """One safe path component, unique per job index: ``000042-remote_name.jpg``.
+NAME_FIELDS = ("index", "stem", "sha8", "sha256", "ext", "width", "height")
+MAX_NAME = 100  # bytes
+
+
+def check_name_template(template: str) -> None:
+    """Reject a ``--name-template`` that names an unknown field, cannot be formatted, or
+    could give two different images the same name."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"bad name template {template!r}: {exc}") from None
+    unknown = fields - set(NAME_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown field {{{sorted(unknown)[0]}}} in name template; use "
+            + ", ".join("{" + f + "}" for f in NAME_FIELDS)
+        )
+    try:
+        template.format(
+            index=1, stem="s", sha8="0" * 8, sha256="0" * 64, ext=".jpg", width=1, height=1
+        )
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ConfigError(f"bad name template {template!r}: {exc}") from None
+    if not fields & {"index", "sha8", "sha256"}:
+        raise ConfigError("name template needs {index}, {sha8} or {sha256} to keep names unique")
+
+
+def safe_name(
+    index: int,
+    final_url: str,
+    ext: str,
+    *,
+    sha: str = "",
+    template: str = "",
+    size: tuple[int, int] = (0, 0),
+) -> str:
+    """One safe path component, unique per job index: ``000042-remote_name.jpg``, or
+    ``template`` filled in (see ``NAME_FIELDS``) and then made safe the same way.
 
     ``ext`` comes from the decoded image format, never from the server.
     """
     if not re.fullmatch(r"\.[a-z0-9]{1,5}", ext):
         raise ValueError(f"bad extension {ext!r}")
     stem = safe_stem(final_url)
-    return f"{index:06d}-{stem}{ext}" if stem else f"{index:06d}{ext}"
+    if not template:
+        return f"{index:06d}-{stem}{ext}" if stem else f"{index:06d}{ext}"
+    raw = template.format(
+        index=index, stem=stem, sha8=sha[:8], sha256=sha, ext=ext, width=size[0], height=size[1]
+    )
+    base = raw.removesuffix(ext).replace("/", "_").replace("\\", "_")
+    base = _UNSAFE.sub("_", base).strip("._-")[: MAX_NAME - len(ext)].rstrip("._-")
+    return f"{base or f'{index:06d}'}{ext}"
 
 
 def thumbnail_name(image_name: str) -> str:

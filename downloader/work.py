@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,13 +49,13 @@ def handle_sync(
         _reject_bad_url(job)
         fetched = fetch_sync(session, job.url, settings.http, gate=gate)
         info = (cpu or cpu_stage(settings))(fetched.data)
-        image, thumb, files = _files(settings, job, fetched, info)
-        write_files(files)
+        saved = _plan(settings, job, fetched, info)
+        write_files(saved.files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
         return failure(job, exc, start, attempts=fetched.attempts)
-    return success(job, fetched, info, image, thumb, start)
+    return success(job, fetched, info, saved, start)
 
 
 async def handle_async(
@@ -70,13 +71,13 @@ async def handle_async(
         _reject_bad_url(job)
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
         info = await cpu(fetched.data)
-        image, thumb, files = _files(settings, job, fetched, info)
-        await write_files_async(files)
+        saved = _plan(settings, job, fetched, info)
+        await write_files_async(saved.files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
         return failure(job, exc, start, attempts=fetched.attempts)
-    return success(job, fetched, info, image, thumb, start)
+    return success(job, fetched, info, saved, start)
 
 
 def _reject_bad_url(job: Job) -> None:
@@ -85,31 +86,44 @@ def _reject_bad_url(job: Job) -> None:
         raise FetchError(problem)
 
 
-def _files(
-    settings: Settings, job: Job, fetched: Fetched, info: ImageInfo
-) -> tuple[str, str | None, list[tuple[Path, bytes]]]:
-    """Names (relative to OUT) and the files to write: the thumbnail first, so an image on
-    disk always has its thumbnail beside it."""
-    image = safe_name(job.index, fetched.final_url, info.ext)
+@dataclass(frozen=True)
+class Saved:
+    """Where one image goes: names relative to OUT, its digest, and the files to write
+    (the thumbnail first, so an image on disk always has its thumbnail beside it)."""
+
+    image: str
+    thumbnail: str | None
+    sha256: str
+    files: list[tuple[Path, bytes]]
+
+
+def _plan(settings: Settings, job: Job, fetched: Fetched, info: ImageInfo) -> Saved:
+    digest = sha256(fetched.data)
+    image = safe_name(
+        job.index,
+        fetched.final_url,
+        info.ext,
+        sha=digest,
+        template=settings.name_template,
+        size=(info.width, info.height),
+    )
     files = [(settings.out / image, fetched.data)]
     if info.thumbnail is None:
-        return image, None, files
+        return Saved(image, None, digest, files)
     thumb = thumbnail_name(image)
-    return image, thumb, [(settings.out / thumb, info.thumbnail), *files]
+    return Saved(image, thumb, digest, [(settings.out / thumb, info.thumbnail), *files])
 
 
-def success(
-    job: Job, fetched: Fetched, info: ImageInfo, image: str, thumb: str | None, start: float
-) -> Result:
+def success(job: Job, fetched: Fetched, info: ImageInfo, saved: Saved, start: float) -> Result:
     return Result(
         index=job.index,
         url=job.url,
         status="ok",
         final_url=fetched.final_url,
-        path=image,
-        thumbnail=thumb,
+        path=saved.image,
+        thumbnail=saved.thumbnail,
         bytes=len(fetched.data),
-        sha256=sha256(fetched.data),
+        sha256=saved.sha256,
         width=info.width,
         height=info.height,
         attempts=fetched.attempts,

@@ -6,6 +6,9 @@ aiofiles, thumbnails in a process pool via ``run_in_executor``, never on the eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -27,7 +30,29 @@ class AsyncioBackend:
     name = "asyncio"
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
-        run_event_loop(_main(jobs, settings, emit))
+        try:
+            run_event_loop(_main(jobs, settings, emit))
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+
+
+def _cancel_on_signals(task: asyncio.Task[None]) -> None:
+    """Ctrl-C / SIGTERM cancel the run's task, so every worker unwinds through its
+    ``finally`` (a KeyboardInterrupt raised inside a task instead is logged as "Task
+    exception was never retrieved"); a second one exits at once."""
+    loop = asyncio.get_running_loop()
+    hits = 0
+
+    def handler() -> None:
+        nonlocal hits
+        hits += 1
+        if hits > 1:
+            os._exit(130)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handler)
 
 
 def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
@@ -58,6 +83,9 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
     concurrency = settings.http.concurrency
     thumbs = settings.thumbnails
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        _cancel_on_signals(task)
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
 
     with cpu_executor(thumbs) as pool:

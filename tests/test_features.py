@@ -1,0 +1,228 @@
+"""URL lists, loremflickr options, --unique, name templates and the Python API."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import ImageServer, make_settings
+from PIL import Image
+
+import downloader
+from downloader import Settings, download
+from downloader.cli import main
+from downloader.errors import ConfigError
+from downloader.jobs import Template, UrlList
+from downloader.pipeline import run
+from downloader.server import make_app, server_thread
+from downloader.settings import ServerSettings
+
+
+def lines(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_pool() -> Iterator[str]:
+    """A server with only 12 distinct photos per size, picked at random without ?lock=."""
+    with server_thread(make_app(ServerSettings(seed=3, pool_size=12))) as server:
+        yield server.base_url
+
+
+# ---------------------------------------------------------------------------- URL lists
+
+
+def test_url_list_file_skips_comments_and_reports_bad_lines(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    base = image_server.base
+    listing = tmp_path / "urls.txt"
+    listing.write_text(
+        f"# my images\n{base}/320/240?lock=1\n\n   \nnot a url\n{base}/320/240?lock=2\n"
+        "ftp://example.com/x.jpg\n"
+    )
+    settings = make_settings("threads", tmp_path / "out", "http://unused/{i}", 1)
+    report = run(settings.replace(urls=str(listing)))
+    by_index = {line["index"]: line for line in lines(tmp_path / "out")}
+    assert sorted(by_index) == [0, 1, 2, 3]
+    assert [by_index[i]["status"] for i in range(4)] == ["ok", "failed", "ok", "failed"]
+    assert "http://" in str(by_index[1]["error"]) and "not a url" in str(by_index[1]["error"])
+    assert (report.ok, report.failed) == (2, 2)
+
+
+@pytest.mark.parametrize("delimiter, suffix", [(",", ".csv"), ("\t", ".tsv")])
+def test_url_list_table_uses_the_url_column(
+    image_server: ImageServer, tmp_path: Path, delimiter: str, suffix: str
+) -> None:
+    base = image_server.base
+    table = tmp_path / f"urls{suffix}"
+    rows = [["name", "URL"], ["a", f"{base}/320/240?lock=3"], ["b", f"{base}/320/240?lock=4"]]
+    table.write_text("\n".join(delimiter.join(row) for row in rows) + "\n")
+    assert [job.url for job in UrlList(str(table)).jobs()] == [rows[1][1], rows[2][1]]
+    report = run(
+        make_settings("sync", tmp_path / "out", "http://x/{i}", 1).replace(urls=str(table))
+    )
+    assert report.ok == 2
+
+
+def test_url_list_without_url_column_is_a_config_error(tmp_path: Path) -> None:
+    table = tmp_path / "urls.csv"
+    table.write_text("name,link\na,http://x/1\n")
+    with pytest.raises(ConfigError, match="no 'url' column"):
+        UrlList(str(table))
+
+
+def test_url_list_from_stdin(image_server: ImageServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = f"{image_server.base}/320/240?lock=5\n# skip\n{image_server.base}/320/240?lock=6\n"
+    result = CliRunner().invoke(main, ["--urls", "-", "--out", str(out), "-q"], input=text)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert len(lines(out)) == 2
+
+
+def test_url_list_is_streamed_not_loaded(tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"http://h/{i}.jpg\n" for i in range(100_000)))
+    jobs = UrlList(str(listing)).jobs()
+    assert next(jobs).url == "http://h/0.jpg"  # the first job comes before the file is read
+
+
+# ---------------------------------------------------------------------------- loremflickr options
+
+
+def test_template_composes_loremflickr_options() -> None:
+    base = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
+    plain = Template(base, 320, 240, "")
+    assert plain.render(3) == "https://loremflickr.com/320/240?lock=3"
+    full = Template(base, 640, 480, "cat,dog", gray=True, match="all")
+    assert full.render(0) == "https://loremflickr.com/g/640/480/cat,dog/all?lock=0"
+    with pytest.raises(ConfigError, match="--gray"):
+        Template("https://h/img/{i}.jpg", 1, 1, "", gray=True)
+
+
+def test_cli_size_gray_keywords_reach_the_server(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "--local",
+            "-n",
+            "2",
+            "--size",
+            "200x100",
+            "--gray",
+            "--keywords",
+            "cat",
+            "--match",
+            "any",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    for line in lines(out):
+        assert "/g/200/100/cat/any?lock=" in str(line["url"])
+        with Image.open(out / str(line["path"])) as img:
+            assert img.size == (200, 100) and img.mode == "L"
+
+
+# ---------------------------------------------------------------------------- --unique
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "threads"])
+def test_unique_fetches_until_n_distinct_images(
+    small_pool: str, tmp_path: Path, backend: str
+) -> None:
+    out = tmp_path / "out"
+    settings = make_settings(backend, out, small_pool + "/320/240", 8).replace(unique=True)
+    report = run(settings)
+    images = [p for p in out.iterdir() if p.suffix == ".jpg"]
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
+    assert report.unique == 8 and len(images) == 8 and len(digests) == 8
+    records = lines(out)
+    assert len({r["index"] for r in records}) == len(records)  # one line per index
+    assert sum(r["status"] == "ok" for r in records) == 8
+    assert all("duplicate of image #" in str(r["error"]) for r in records if r["status"] != "ok")
+    assert len(list((out / "thumbnails").iterdir())) == 8
+
+
+def test_unique_gives_up_with_a_clear_message(small_pool: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["-n", "15", "--unique", "--url", small_pool + "/320/240", "--out", str(out), "-q"],
+    )
+    assert result.exit_code == 1
+    assert "gave up: 12 distinct images of 15 wanted" in result.stderr
+    assert len([p for p in out.iterdir() if p.suffix == ".jpg"]) == 12
+    assert len(lines(out)) <= 15 + 2 * 15 + 20  # bounded extra attempts
+
+
+def test_unique_with_index_template_uses_new_indices(small_pool: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # lock=i mod 12 on the server: indices 0..9 are distinct, and so are any 10 of 0..11.
+    settings = make_settings("sync", out, small_pool + "/320/240?lock={i}", 10).replace(unique=True)
+    assert run(settings).unique == 10
+
+
+# ---------------------------------------------------------------------------- names
+
+
+def test_name_template(image_server: ImageServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 3)
+    run(settings.replace(name_template="{index:05d}-{sha8}-{width}x{height}{ext}"))
+    for line in lines(out):
+        sha = str(line["sha256"])
+        assert line["path"] == f"{int(str(line['index'])):05d}-{sha[:8]}-320x240.jpg"
+
+
+def test_hostile_name_template_stays_inside_out(image_server: ImageServer, tmp_path: Path) -> None:
+    out = tmp_path / "root" / "out"
+    settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 2)
+    run(settings.replace(name_template="../../{index}/..\\{stem}"))
+    files = {p for p in (tmp_path / "root").rglob("*") if p.is_file()}
+    assert files and all(out in p.parents for p in files)
+    for line in lines(out):
+        assert "/" not in str(line["path"]) and not str(line["path"]).startswith(".")
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [("{nope}{ext}", "unknown field"), ("{stem}{ext}", "unique"), ("{index", "bad name")],
+)
+def test_bad_name_templates_are_config_errors(template: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["--name-template", template, "-n", "1"])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+# ---------------------------------------------------------------------------- Python API
+
+
+def test_python_api(tmp_path: Path) -> None:
+    report = download(Settings(count=3, local=True, out=tmp_path / "pic", progress=False))
+    assert report.ok == 3 and len(report.results) == 3
+    for result in report.results:
+        assert result.ok and (tmp_path / "pic" / str(result.path)).is_file()
+    again = download(count=2, local=True, out=tmp_path / "two", progress=False, backend="sync")
+    assert again.ok == 2 and again.backend == "sync"
+
+
+def test_public_api_is_exported() -> None:
+    for name in downloader.__all__:
+        assert getattr(downloader, name) is not None
+    assert {"download", "Settings", "Report", "Result"} <= set(downloader.__all__)
+
+
+def test_thumbnail_is_a_decodable_jpeg(image_server: ImageServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(make_settings("asyncio", out, image_server.base + "/640/480?lock={i}", 1))
+    thumb = (out / str(lines(out)[0]["thumbnail"])).read_bytes()
+    with Image.open(io.BytesIO(thumb)) as img:
+        assert img.format == "JPEG" and img.size == (64, 48)
