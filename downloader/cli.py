@@ -122,6 +122,8 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         "resume": True if options.get("resume") else None,
         "retry_failed": True if options.get("retry_failed") else None,
         "thumbnails.size": options.get("thumbnail_size"),
+        "dask.scheduler": options.get("scheduler"),
+        "dask.shard_size": options.get("shard_size"),
         **server_overrides(options),
     }
     if size is not None:
@@ -185,6 +187,13 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     metavar="PX",
     help="Thumbnail longest side; 0 = off. [default: 128]",
 )
+@click.option(
+    "--scheduler",
+    metavar="URL",
+    help="dask backend: scheduler address, tcp://HOST:8786 (default: a LocalCluster). "
+    "OUT must be on a file system every worker can write.",
+)
+@click.option("--shard-size", type=int, help="dask backend: jobs per shard. [default: 100]")
 @click.option(
     "--rate",
     metavar="N/s",

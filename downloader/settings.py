@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-BACKENDS = ("sync", "threads", "asyncio", "processes")
+BACKENDS = ("sync", "threads", "asyncio", "processes", "dask")
 THUMBNAIL_EXECUTORS = ("process", "thread", "inline")
 
 
@@ -116,6 +116,21 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class DaskSettings:
+    scheduler: str = ""  # "" = start a LocalCluster; else tcp://HOST:8786
+    shard_size: int = 100
+    workers: int = 0  # LocalCluster worker processes; 0 = one per core
+
+    def __post_init__(self) -> None:
+        _check(self.shard_size >= 1, "dask.shard_size must be at least 1")
+        _check(self.workers >= 0, "dask.workers must be 0 (one per core) or more")
+        _check(
+            not self.scheduler or "://" in self.scheduler,
+            "dask.scheduler must look like tcp://HOST:8786",
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     backend: str = "asyncio"
     count: int = 10
@@ -136,6 +151,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    dask: DaskSettings = field(default_factory=DaskSettings)
 
     def __post_init__(self) -> None:
         _check(self.count >= 1, "count must be at least 1")
@@ -174,6 +190,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "http": HttpSettings,
     "thumbnails": ThumbnailSettings,
     "server": ServerSettings,
+    "dask": DaskSettings,
 }
 
 

@@ -123,9 +123,20 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_files(files: list[tuple[Path, bytes]]) -> None:
-    """``write_atomic`` each (path, data) in order."""
+    """``write_atomic`` each (path, data) in order; a file already there with the same
+    bytes (a re-run shard, a resumed run) is recognised and left alone."""
     for path, data in files:
-        write_atomic(path, data)
+        if not _same_content(path, data):
+            write_atomic(path, data)
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size != len(data):  # one stat: the common case stops here
+            return False
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 async def write_files_async(files: list[tuple[Path, bytes]]) -> None:

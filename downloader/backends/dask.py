@@ -1,0 +1,105 @@
+"""dask: the asyncio pipeline, one shard of jobs at a time, on a Dask cluster.
+
+Without ``dask.scheduler`` a ``LocalCluster`` of worker processes sized to the machine is
+started; with it, the client connects to ``tcp://HOST:8786``. Each shard (``dask.shard_size``
+jobs) runs fetch, validate, thumbnail and atomic write on a worker and returns its Results;
+only the client writes the manifest, so it keeps exactly one line per index. When a worker
+dies mid-shard Dask runs the shard again elsewhere; files already written are recognised by
+their content (``storage.write_files`` skips identical bytes) instead of written twice.
+
+OUT must be a folder every worker can write (a shared file system): each worker proves it
+before any work is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, LocalCluster, as_completed
+
+from ..errors import StorageError
+from ..jobs import Job
+from ..result import Result
+from ..settings import Settings
+from ..storage import prepare_out
+from .base import Emit
+from .pools import cpu_count
+
+
+def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
+    """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
+    processes, which may not start a process pool, so thumbnails run in a thread pool
+    (Pillow releases the GIL while it decodes and resizes)."""
+    from .aio import _main
+
+    thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
+    shard_settings = settings.replace(thumbnails=thumbs)
+    results: list[Result] = []
+    asyncio.run(_main(jobs, shard_settings, results.append))
+    return results
+
+
+def check_out(out: str) -> str | None:
+    """On a worker: why it cannot write OUT, or None."""
+    try:
+        prepare_out(Path(out))
+    except StorageError as exc:
+        return str(exc)
+    return None
+
+
+def _shards(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    it = iter(jobs)
+    while shard := list(itertools.islice(it, size)):
+        yield shard
+
+
+class DaskBackend:
+    name = "dask"
+
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+        with self._client(settings) as client:
+            self._check_workers(client, settings.out)
+            in_flight = 2 * max(1, sum(client.nthreads().values()))
+            shards = _shards(jobs, settings.dask.shard_size)
+            pending = as_completed()
+            for first in itertools.islice(shards, in_flight):
+                pending.add(client.submit(run_shard, first, settings, pure=False))
+            for future in pending:
+                for result in future.result():
+                    emit(result)
+                future.release()
+                shard = next(shards, None)
+                if shard is not None:
+                    pending.add(client.submit(run_shard, shard, settings, pure=False))
+
+    @staticmethod
+    def _client(settings: Settings) -> Client:
+        if settings.dask.scheduler:
+            try:
+                return Client(settings.dask.scheduler, timeout=10)
+            except (OSError, TimeoutError) as exc:
+                raise StorageError(
+                    f"cannot reach the Dask scheduler {settings.dask.scheduler}: {exc}"
+                ) from None
+        workers = settings.dask.workers or cpu_count()
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=50,
+        )
+        return Client(cluster)
+
+    @staticmethod
+    def _check_workers(client: Client, out: Path) -> None:
+        problems: dict[str, Any] = client.run(check_out, str(out.resolve()))
+        for worker, problem in sorted(problems.items()):
+            if problem:
+                raise StorageError(f"Dask worker {worker}: {problem} (OUT must be shared)")

@@ -1,0 +1,174 @@
+"""The dask backend on real Dask: a LocalCluster, and the real `dask scheduler` and
+`dask worker` programs on 127.0.0.1 with one worker killed mid-run."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_settings
+
+from downloader.backends import get_backend
+from downloader.backends.dask import check_out
+from downloader.errors import ConfigError
+from downloader.pipeline import run
+from downloader.server import make_app, server_thread
+from downloader.settings import DaskSettings, ServerSettings
+
+pytest.importorskip("distributed")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def poll(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def manifest(out: Path) -> list[dict[str, Any]]:
+    path = out / "manifest.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    with server_thread(make_app(ServerSettings(latency_ms=40, seed=5))) as server:
+        yield server.base_url
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A real scheduler and two single-process workers, as a user would start them."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        **quiet,
+    )
+    workers = [
+        subprocess.Popen(
+            [
+                BIN / "dask",
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            ],
+            **quiet,
+        )
+        for _ in range(2)
+    ]
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address, workers
+    finally:
+        for proc in [*workers, scheduler]:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_worker_killed_mid_run_loses_and_duplicates_nothing(
+    cluster: tuple[str, list[subprocess.Popen[bytes]]], slow_server: str, tmp_path: Path
+) -> None:
+    address, workers = cluster
+    out = tmp_path / "pic"
+    count = 200
+    proc = subprocess.Popen(
+        [
+            BIN / "download",
+            "--backend",
+            "dask",
+            "--scheduler",
+            address,
+            "-n",
+            str(count),
+            "--shard-size",
+            "10",
+            "--concurrency",
+            "4",
+            "--out",
+            str(out),
+            "-q",
+            "--url",
+            slow_server + "/{width}/{height}?lock={i}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    poll(lambda: len(manifest(out)) >= 40, 60, "40 results")
+    workers[0].send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    records = manifest(out)
+    assert sorted(r["index"] for r in records) == list(range(count))  # each exactly once
+    for record in records:
+        assert record["status"] == "ok"
+        data = (out / record["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+        assert (out / record["thumbnail"]).is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+    images = [p for p in out.iterdir() if p.suffix == ".jpg"]
+    assert len(images) == count
+
+
+def test_local_cluster_runs_the_pipeline(slow_server: str, tmp_path: Path) -> None:
+    out = tmp_path / "pic"
+    settings = make_settings("dask", out, slow_server + "/{width}/{height}?lock={i}", 30)
+    report = run(settings.replace(dask=DaskSettings(shard_size=7, workers=2)))
+    assert (report.ok, report.failed) == (30, 0)
+    assert sorted(r["index"] for r in manifest(out)) == list(range(30))
+
+
+def test_worker_that_cannot_write_out_is_reported(tmp_path: Path) -> None:
+    assert check_out(str(tmp_path / "ok")) is None
+    assert "cannot write" in str(check_out("/proc/no-such-dir/pic"))
+
+
+def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
+    settings = make_settings("dask", tmp_path / "pic", "http://127.0.0.1:9/{i}", 1)
+    settings = settings.replace(dask=DaskSettings(scheduler=f"tcp://127.0.0.1:{free_port()}"))
+    with pytest.raises(Exception, match="cannot reach the Dask scheduler"):
+        run(settings)
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "distributed" or name.startswith("distributed."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "downloader.backends.dask", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ConfigError, match=r"pip install 'downloader\[dask\]'"):
+        get_backend("dask")
