@@ -294,9 +294,8 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
 @click.option("-n", "--count", type=int, help="Images per run. [default: scenario's, or 200]")
 @click.option(
     "--backends",
-    default="sync,threads,asyncio,processes",
-    show_default=True,
-    help="Comma-separated backends to compare.",
+    help="Comma-separated backends to compare. [default: sync,threads,asyncio,processes, "
+    "and dask when distributed is installed]",
 )
 @click.option(
     "--scenario",
@@ -341,7 +340,8 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     if size is not None:
         overrides["width"], overrides["height"] = size
     settings = load_settings(parent.get("config"), overrides=overrides)
-    backends = [name.strip() for name in options["backends"].split(",") if name.strip()]
+    backends = [name.strip() for name in (options["backends"] or _default_backends()).split(",")]
+    backends = [name for name in backends if name]
     for name in backends:
         if name not in BACKENDS:
             raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
@@ -360,6 +360,15 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
         write_chart(rows, options["chart"], title)
     failed = sum(run.failed for row in rows for run in row.runs)
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _default_backends() -> str:
+    import importlib.util
+
+    names = ["sync", "threads", "asyncio", "processes"]
+    if importlib.util.find_spec("distributed") is not None:
+        names.append("dask")
+    return ",".join(names)
 
 
 def _first(*values: Any) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..result import Result
 from ..settings import Settings
 from ..storage import prepare_out
 from .base import Emit
-from .pools import cpu_count
+from .pools import chunked, cpu_count
 
 
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
@@ -53,12 +53,6 @@ def check_out(out: str) -> str | None:
     return None
 
 
-def _shards(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    it = iter(jobs)
-    while shard := list(itertools.islice(it, size)):
-        yield shard
-
-
 class DaskBackend:
     name = "dask"
 
@@ -66,7 +60,7 @@ class DaskBackend:
         with self._client(settings) as client:
             self._check_workers(client, settings.out)
             in_flight = 2 * max(1, sum(client.nthreads().values()))
-            shards = _shards(jobs, settings.dask.shard_size)
+            shards = chunked(jobs, settings.dask.shard_size)
             pending = as_completed()
             for first in itertools.islice(shards, in_flight):
                 pending.add(client.submit(run_shard, first, settings, pure=False))

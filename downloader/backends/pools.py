@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import signal
@@ -99,6 +100,13 @@ def cpu_executor(thumbnails: ThumbnailSettings) -> Iterator[Executor | None]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lazily cut ``items`` into lists of ``size`` (the last may be shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def bounded_map(

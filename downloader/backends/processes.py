@@ -8,9 +8,8 @@ That is the cost this backend exists to show: 10 kitchens, 10 cooks.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 
 import requests
@@ -22,7 +21,7 @@ from ..result import Result
 from ..settings import Settings
 from ..work import handle_sync
 from .base import Emit
-from .pools import bounded_map, child_init, mp_context
+from .pools import bounded_map, child_init, chunked, mp_context
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None
@@ -45,12 +44,6 @@ def _run_chunk(jobs: list[Job]) -> list[Result]:
     return [handle_sync(_session, job, _settings, gate=_gate) for job in jobs]
 
 
-def _chunks(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    it = iter(jobs)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
-
-
 class ProcessesBackend:
     name = "processes"
 
@@ -64,6 +57,6 @@ class ProcessesBackend:
             initializer=_init_worker,
             initargs=(settings, workers, os.getpid()),
         ) as pool:
-            for results in bounded_map(pool, _run_chunk, _chunks(jobs, chunk), 2 * workers):
+            for results in bounded_map(pool, _run_chunk, chunked(jobs, chunk), 2 * workers):
                 for result in results:
                     emit(result)
