@@ -75,28 +75,35 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
     prepare_out(settings.out)
     report = Report(backend.name)
+    interrupts = _Interrupts()
     with _source(settings) as source:
-        kept = _kept(settings, source)
+        records = read_manifest(settings.out) if settings.resume or settings.retry_failed else {}
+        kept = _kept(settings, source, records)
+        # --retry-failed re-runs every recorded index it does not keep: the failed ones,
+        # and ok ones whose file is gone or altered (so none loses its manifest line).
+        rerun = set(records) - kept.keys() if settings.retry_failed else None
         report.skipped = len(kept)
         if observer is not None:
-            observer.start(_count_to_run(settings, kept), len(kept))
+            observer.start(_count_to_run(settings, kept, rerun), len(kept))
         with ManifestWriter(settings.out, iter(kept.values())) as manifest:
 
             def emit(result: Result) -> None:
-                manifest.write(result)
-                report.add(result)
-                if keep_results:
-                    report.results.append(result)
-                if observer is not None:
-                    observer.result(result)
+                # Ctrl-C waits until the result is recorded: no file without its line.
+                with interrupts.held():
+                    manifest.write(result)
+                    report.add(result)
+                    if keep_results:
+                        report.results.append(result)
+                    if observer is not None:
+                        observer.result(result)
 
             usage = _Usage()
             try:
-                with _interruptible():
+                with interrupts.installed():
                     if settings.unique:
                         _run_unique(backend, source, settings, emit, observer, report)
                     else:
-                        backend.run(_jobs_to_run(settings, source, kept), settings, emit)
+                        backend.run(_jobs_to_run(source, kept, rerun), settings, emit)
             except KeyboardInterrupt:
                 report.interrupted = True
             usage.finish(report)
@@ -182,11 +189,11 @@ def _same_job(record: Result, url: str | None, local: bool) -> bool:
     return local and (old.path, old.query) == (new.path, new.query)
 
 
-def _kept(settings: Settings, source: JobSource) -> dict[int, Result]:
+def _kept(settings: Settings, source: JobSource, records: dict[int, Result]) -> dict[int, Result]:
     """Records --resume / --retry-failed keep: ok, same URL, file intact (sha256)."""
-    if not (settings.resume or settings.retry_failed):
-        return {}
-    candidates = {i: r for i, r in read_manifest(settings.out).items() if r.ok}
+    candidates = {i: r for i, r in records.items() if r.ok}
+    if not candidates:
+        return {}  # and a streamed source (stdin) is left unread
     urls = source.urls_for(candidates)
     return {
         index: record
@@ -195,22 +202,21 @@ def _kept(settings: Settings, source: JobSource) -> dict[int, Result]:
     }
 
 
-def _failed_before(settings: Settings) -> set[int]:
-    return {i for i, r in read_manifest(settings.out).items() if not r.ok}
-
-
-def _jobs_to_run(settings: Settings, source: JobSource, kept: dict[int, Result]) -> Iterable[Job]:
-    if settings.retry_failed:
-        wanted = _failed_before(settings) - kept.keys()
-        return (job for job in source.jobs() if job.index in wanted)
+def _jobs_to_run(
+    source: JobSource, kept: dict[int, Result], rerun: set[int] | None
+) -> Iterable[Job]:
+    if rerun is not None:
+        return (job for job in source.jobs() if job.index in rerun)
     if kept:
         return (job for job in source.jobs() if job.index not in kept)
     return source.jobs()
 
 
-def _count_to_run(settings: Settings, kept: dict[int, Result]) -> int | None:
-    if settings.retry_failed:
-        return len(_failed_before(settings) - kept.keys())
+def _count_to_run(
+    settings: Settings, kept: dict[int, Result], rerun: set[int] | None
+) -> int | None:
+    if rerun is not None:
+        return len(rerun)
     if settings.urls:
         return None  # a streamed list is not counted up front
     return settings.count - len(kept)
@@ -219,28 +225,53 @@ def _count_to_run(settings: Settings, kept: dict[int, Result]) -> int | None:
 # ---------------------------------------------------------------------------- signals
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
+class _Interrupts:
     """SIGTERM stops a run the way Ctrl-C does (KeyboardInterrupt: stop scheduling, cancel
-    what is in flight, flush, summarise); a second Ctrl-C or SIGTERM exits at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    interrupted = False
+    what is in flight, flush, summarise); a second Ctrl-C or SIGTERM exits at once.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted
-        if interrupted:
+    While a result is being recorded (``held``) the interrupt waits, so it can never leave
+    an image on disk without its manifest line. (Blocking the signal with pthread_sigmask
+    would not do: the kernel hands it to another thread, and Python still runs the handler
+    in the main thread.)
+    """
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.holding = False
+        self.pending = False
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        self.hits += 1
+        if self.hits > 1:
             os._exit(130)
-        interrupted = True
+        if self.holding:
+            self.pending = True
+            return
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handler) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------- usage

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     Executor,
@@ -33,7 +33,7 @@ def mp_context() -> BaseContext:
     threads (progress bar, test servers) or paying a full interpreter start (spawn)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["downloader.work"])
+        ctx.set_forkserver_preload(["downloader.backends._detach", "downloader.work"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -109,31 +109,55 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def emit_all(results: Generator[R, None, None], emit: Callable[[R], None]) -> None:
+    """``emit`` every result; on Ctrl-C, still emit what was already running.
+
+    A KeyboardInterrupt can land in ``emit`` (the loop body), outside the generator: it is
+    thrown into the generator so ``bounded_map`` stops scheduling and hands over the jobs
+    that finish anyway, instead of leaving their files on disk without manifest lines.
+    """
+    try:
+        for result in results:
+            emit(result)
+    except KeyboardInterrupt:
+        with contextlib.suppress(KeyboardInterrupt, StopIteration):
+            result = results.throw(KeyboardInterrupt())
+            while True:
+                emit(result)
+                result = next(results)
+        raise
+
+
 def bounded_map(
     executor: Executor, fn: Callable[[T], R], items: Iterable[T], limit: int
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``executor.map`` that pulls ``items`` lazily, keeps at most ``limit`` in flight and
     yields results as they complete (not in order), so memory is O(limit), not O(n)."""
-    pending: set[Future[R]] = set()
+    pending: set[Future[R]] = set()  # submitted and not yet yielded
     try:
         for item in items:
-            if len(pending) >= limit:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield future.result()
+            while len(pending) >= limit:
+                yield from _completed(pending)
             pending.add(executor.submit(fn, item))
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+            yield from _completed(pending)
     except KeyboardInterrupt:
-        # Stop scheduling; what is already running finishes (bounded by the request
-        # deadline) and is recorded rather than left as files without manifest lines.
-        running = [f for f in pending if not f.cancel()]
-        for future in running:
+        # Stop scheduling; what is done or already running (bounded by the request
+        # deadline) is still handed over, rather than left as files without manifest lines.
+        for future in [f for f in pending if f.cancel()]:
+            pending.discard(future)
+        for future in list(pending):
+            pending.discard(future)
             with contextlib.suppress(Exception):
                 yield future.result()
         raise
     finally:
         for future in pending:
             future.cancel()
+
+
+def _completed(pending: set[Future[R]]) -> Generator[R, None, None]:
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for future in done:
+        pending.discard(future)
+        yield future.result()

@@ -21,7 +21,7 @@ from ..result import Result
 from ..settings import Settings
 from ..work import handle_sync
 from .base import Emit
-from .pools import bounded_map, child_init, chunked, mp_context
+from .pools import bounded_map, child_init, chunked, emit_all, mp_context
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None
@@ -57,6 +57,18 @@ class ProcessesBackend:
             initializer=_init_worker,
             initargs=(settings, workers, os.getpid()),
         ) as pool:
-            for results in bounded_map(pool, _run_chunk, chunked(jobs, chunk), 2 * workers):
+
+            def emit_chunk(results: list[Result]) -> None:
+                # A Ctrl-C raised after one result is recorded still records the rest of
+                # its chunk: their files are already on disk.
+                interrupted = False
                 for result in results:
-                    emit(result)
+                    try:
+                        emit(result)
+                    except KeyboardInterrupt:
+                        interrupted = True
+                if interrupted:
+                    raise KeyboardInterrupt
+
+            chunks = bounded_map(pool, _run_chunk, chunked(jobs, chunk), 2 * workers)
+            emit_all(chunks, emit_chunk)

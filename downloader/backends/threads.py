@@ -21,7 +21,7 @@ from ..settings import Settings
 from ..thumbnails import ImageInfo, inspect_image
 from ..work import CpuStage, handle_sync
 from .base import Emit
-from .pools import bounded_map, cpu_executor
+from .pools import bounded_map, cpu_executor, emit_all
 
 
 class ThreadsBackend:
@@ -58,8 +58,7 @@ class ThreadsBackend:
             concurrency = settings.http.concurrency
             try:
                 with ThreadPoolExecutor(concurrency, thread_name_prefix="download") as executor:
-                    for result in bounded_map(executor, work, jobs, 2 * concurrency):
-                        emit(result)
+                    emit_all(bounded_map(executor, work, jobs, 2 * concurrency), emit)
             finally:
                 for s in sessions:
                     s.close()
