@@ -150,6 +150,13 @@ write_files_async = aiofiles.os.wrap(write_files)
 def prepare_out(out: Path) -> None:
     """Create OUT and OUT/thumbnails, prove they are writable, and sweep temp files a
     killed run left behind. Raises ``StorageError`` with a one-line reason."""
+    check_writable(out)
+    sweep_temps(out)
+
+
+def check_writable(out: Path) -> None:
+    """Create OUT and OUT/thumbnails and prove they are writable (safe to run in several
+    processes at once: nothing here removes another's files)."""
     if out.exists() and not out.is_dir():
         raise StorageError(f"output folder {out} exists and is not a folder")
     try:
@@ -159,7 +166,6 @@ def prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StorageError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-    sweep_temps(out)
 
 
 def sweep_temps(out: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import urllib.request
@@ -16,9 +17,17 @@ from aiohttp import web
 from PIL import Image
 
 from downloader.server import RunningServer, make_app, render_photo, server_thread
-from downloader.settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings
+from downloader.settings import (
+    DaskSettings,
+    HttpSettings,
+    ServerSettings,
+    Settings,
+    ThumbnailSettings,
+)
 
 BACKENDS = ["sync", "threads", "asyncio", "processes"]
+# The contract suite also runs on dask (a LocalCluster of 2 workers) when it is installed.
+CONTRACT_BACKENDS = BACKENDS + (["dask"] if importlib.util.find_spec("distributed") else [])
 OVERSIZE_CAP = 200_000
 
 
@@ -169,6 +178,7 @@ def make_settings(backend: str, out: Path, url: str, count: int, **http: object)
             }
         ),
         thumbnails=ThumbnailSettings(size=64),
+        dask=DaskSettings(workers=2, shard_size=4),
     )
 
 

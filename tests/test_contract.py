@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    BACKENDS,
     CASES,
+    CONTRACT_BACKENDS,
     OK_CASES,
     OVERSIZE_CAP,
     ImageServer,
@@ -42,7 +42,7 @@ def served(url: str) -> bytes:
         return data
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
 def test_happy_path(backend: str, image_server: ImageServer, tmp_path: Path) -> None:
     out = tmp_path / "pic"
     count = 12
@@ -68,7 +68,7 @@ def test_happy_path(backend: str, image_server: ImageServer, tmp_path: Path) -> 
     assert len(list((out / THUMBS).iterdir())) == count
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
 def test_hostile_server(backend: str, image_server: ImageServer, tmp_path: Path) -> None:
     root = tmp_path / "root"
     out = root / "out"
@@ -111,7 +111,7 @@ def test_hostile_server(backend: str, image_server: ImageServer, tmp_path: Path)
     assert a["path"] != b["path"] and a["sha256"] != b["sha256"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
 def test_unreachable_host_is_a_failed_result(backend: str, tmp_path: Path) -> None:
     # Port 9 on loopback: connection refused, retried, then reported.
     settings = make_settings(backend, tmp_path / "pic", "http://127.0.0.1:9/{i}.jpg", 3)

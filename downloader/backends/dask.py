@@ -26,7 +26,7 @@ from ..errors import StorageError
 from ..jobs import Job
 from ..result import Result
 from ..settings import Settings
-from ..storage import prepare_out
+from ..storage import check_writable
 from .base import Emit
 from .pools import chunked, cpu_count
 
@@ -47,7 +47,7 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
 def check_out(out: str) -> str | None:
     """On a worker: why it cannot write OUT, or None."""
     try:
-        prepare_out(Path(out))
+        check_writable(Path(out))
     except StorageError as exc:
         return str(exc)
     return None
@@ -86,7 +86,9 @@ class DaskBackend:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            # The scheduler's HTTP server starts whatever we ask: on a free port, it never
+            # collides with another cluster's 8787.
+            dashboard_address="127.0.0.1:0",
             silence_logs=50,
         )
         return Client(cluster)

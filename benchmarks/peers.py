@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Our backends against peer tools (img2dataset, curl, aria2c) on one built-in server.
+
+    python benchmarks/peers.py [-n 2000] [--size 640x480] [--latency-ms 0]
+        [--concurrency 64] [--repeat 3] [--only asyncio,curl] [--json FILE]
+
+Every run is a whole process (start-up included), timed from spawn to exit, in a fresh
+output folder, against ONE ``download serve`` process started here and warmed up (every
+photo of the pool rendered once). Runs are interleaved per repeat, in a rotated order, so
+drift on a noisy machine spreads over every tool. Each run's output is verified: the saved
+files are counted and must be non-empty JPEGs (a tool that saved nothing shows 0 ok).
+
+Variants:
+  <backend>      download --backend B ... (thumbnails 128 px, the default)
+  <backend>-dl   the same with --thumbnail-size 0 (download + validate only)
+  img2dataset    --image_size 128 --resize_mode keep_ratio --output_format files
+  curl           curl --parallel --parallel-max C -sL -K config   (download only)
+  aria2c         aria2c -j C -i list -d DIR                        (download only)
+
+Ratios: images/s of a thumbnail variant / img2dataset's, of a download-only variant /
+curl's, from the same invocation. Not a test; not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (
+    Measured,
+    Table,
+    become_subreaper,
+    code_version,
+    find_tool,
+    good_image,
+    image_server,
+    machine_info,
+    measure,
+    median,
+    pin_package,
+    proc_cpu_s,
+    warm,
+)
+
+BACKENDS = ("sync", "threads", "asyncio", "processes")
+THUMB, DL = "thumbnails", "download-only"
+
+
+@dataclass
+class Workload:
+    count: int
+    width: int
+    height: int
+    latency_ms: float
+    concurrency: int
+    pool_size: int
+    base_url: str = ""
+    work: Path = Path()
+
+    def url(self, i: int) -> str:
+        return f"{self.base_url}/{self.width}/{self.height}?lock={i}"
+
+
+@dataclass
+class Variant:
+    name: str
+    tool: str
+    kind: str  # THUMB or DL
+    command: Callable[[Workload, Path], list[str]]
+    count_ok: Callable[[Workload, Path], int]
+    env: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Row:
+    variant: Variant
+    runs: list[Measured] = field(default_factory=list)
+    oks: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    startup_s: float | None = None  # wall of one n=1 run (--startup): the fixed cost
+    server_cpu: list[float] = field(default_factory=list)  # the server's CPU s during each run
+
+    def med(self, name: str) -> float:
+        return median([getattr(run, name) for run in self.runs])
+
+    @property
+    def ok(self) -> int:
+        return int(median(self.oks))
+
+    @property
+    def images_per_s(self) -> float:
+        # Per run (ok images / wall), then the median: a run that saved nothing scores 0.
+        return median([ok / run.wall_s for ok, run in zip(self.oks, self.runs, strict=True)])
+
+
+# ---------------------------------------------------------------------------- our backends
+
+
+def ours(download: str, backend: str, thumbnails: bool) -> Variant:
+    def command(w: Workload, out: Path) -> list[str]:
+        cmd = [download, "--backend", backend, "-n", str(w.count)]
+        cmd += ["--url", f"{w.base_url}/{{width}}/{{height}}?lock={{i}}"]
+        cmd += ["--size", f"{w.width}x{w.height}", "--concurrency", str(w.concurrency)]
+        cmd += ["--out", str(out), "-q"]
+        if not thumbnails:
+            cmd += ["--thumbnail-size", "0"]
+        return cmd
+
+    def count_ok(w: Workload, out: Path) -> int:
+        thumbs = out / "thumbnails"
+        ok = 0
+        for path in out.iterdir():
+            image = path.is_file() and path.suffix == ".jpg" and good_image(path)
+            if image and (not thumbnails or good_image(thumbs / path.name)):
+                ok += 1
+        return ok
+
+    name = backend if thumbnails else f"{backend}-dl"
+    return Variant(name, backend, THUMB if thumbnails else DL, command, count_ok)
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+def img2dataset(exe: str, threads: int | None) -> Variant:
+    def command(w: Workload, out: Path) -> list[str]:
+        urls = w.work / "urls.txt"
+        # Two shards, so both processes get one (a single shard would use one process).
+        per_shard = max(1, math.ceil(w.count / 2))
+        return [
+            exe,
+            "--url_list", str(urls),
+            "--input_format", "txt",
+            "--output_folder", str(out),
+            "--processes_count", "2",
+            "--thread_count", str(threads or w.concurrency),
+            "--image_size", "128",
+            "--resize_mode", "keep_ratio",
+            "--output_format", "files",
+            "--number_sample_per_shard", str(per_shard),
+            "--enable_wandb", "False",
+        ]  # fmt: skip
+
+    def count_ok(w: Workload, out: Path) -> int:
+        return sum(1 for path in out.rglob("*.jpg") if good_image(path))
+
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    note = "2 processes x --thread_count threads; keeps only the 128 px image"
+    return Variant("img2dataset", "img2dataset", THUMB, command, count_ok, env, note)
+
+
+def curl(exe: str) -> Variant:
+    def command(w: Workload, out: Path) -> list[str]:
+        config = w.work / "curl.cfg"
+        if not config.exists():
+            lines = [
+                f'url = "{w.url(i)}"\noutput = "{{OUT}}/{i:06d}.jpg"\n' for i in range(w.count)
+            ]
+            config.write_text("".join(lines))
+        run_config = out.parent / f"{out.name}.curl.cfg"
+        run_config.write_text(config.read_text().replace("{OUT}", str(out)))
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [exe, "--parallel", "--parallel-max", str(min(w.concurrency, 300))]
+        return [*cmd, "-sL", "--fail", "-K", str(run_config)]
+
+    return Variant("curl", "curl", DL, command, _count_flat)
+
+
+def aria2c(exe: str) -> Variant:
+    def command(w: Workload, out: Path) -> list[str]:
+        listing = w.work / "aria2c.txt"
+        if not listing.exists():
+            listing.write_text("".join(f"{w.url(i)}\n  out={i:06d}.jpg\n" for i in range(w.count)))
+        cmd = [exe, "-j", str(w.concurrency), "-i", str(listing), "-d", str(out)]
+        return [*cmd, "--allow-overwrite=true", "-q"]
+
+    return Variant("aria2c", "aria2c", DL, command, _count_flat)
+
+
+def _count_flat(w: Workload, out: Path) -> int:
+    if not out.is_dir():
+        return 0
+    return sum(1 for path in out.iterdir() if path.suffix == ".jpg" and good_image(path))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-n", "--count", type=int, default=2000)
+    p.add_argument("--size", default="640x480", help="WxH asked of the server")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--pool-size", type=int, default=40)
+    p.add_argument(
+        "--only",
+        help="comma-separated variant or tool names, e.g. asyncio,curl (asyncio = asyncio and "
+        "asyncio-dl) or asyncio-dl,aria2c",
+    )
+    p.add_argument("--backends", default=",".join(BACKENDS), help="our backends to run")
+    p.add_argument("--download", help="path of the download command [beside python / PATH]")
+    p.add_argument("--img2dataset", help="path of img2dataset [beside python / PATH]")
+    p.add_argument("--i2d-threads", type=int, help="img2dataset --thread_count [concurrency]")
+    p.add_argument(
+        "--startup", action="store_true", help="also time one n=1 run per variant (fixed cost)"
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="run the live working tree (default: a copy of downloader/ taken at start)",
+    )
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run, then killed")
+    p.add_argument("--keep", type=Path, help="keep outputs and logs here (else a temp dir)")
+    p.add_argument("--json", type=Path, help="also write raw numbers here")
+    return p.parse_args(argv)
+
+
+def build_variants(args: argparse.Namespace) -> tuple[list[Variant], list[str]]:
+    skipped: list[str] = []
+    variants: list[Variant] = []
+    download = find_tool("download", args.download)
+    if download is None:
+        raise SystemExit("peers.py: cannot find the `download` command (use --download)")
+    for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
+        variants += [ours(download, backend, True), ours(download, backend, False)]
+    exe = find_tool("img2dataset", args.img2dataset)
+    if exe:
+        variants.append(img2dataset(exe, args.i2d_threads))
+    else:
+        skipped.append("img2dataset: not found beside python or on PATH (pip install img2dataset)")
+    for name, make in (("curl", curl), ("aria2c", aria2c)):
+        exe = shutil.which(name)
+        if exe:
+            variants.append(make(exe))
+        else:
+            skipped.append(f"{name}: not on PATH")
+    if args.only:
+        wanted = {token.strip() for token in args.only.split(",") if token.strip()}
+        # Only the skips of tools that were asked for matter.
+        skipped = [line for line in skipped if line.split(":")[0] in wanted]
+        known = {v.name for v in variants} | {v.tool for v in variants}
+        skipped += [
+            f"{token}: not available"
+            for token in wanted - known
+            if token not in {line.split(":")[0] for line in skipped}
+        ]
+        variants = [v for v in variants if v.name in wanted or v.tool in wanted]
+    return variants, skipped
+
+
+def run_all(
+    args: argparse.Namespace, variants: list[Variant], root: Path, pin: dict[str, str]
+) -> list[Row]:
+    width, height = (int(x) for x in args.size.lower().split("x"))
+    w = Workload(args.count, width, height, args.latency_ms, args.concurrency, args.pool_size)
+    w.work = root
+    download = find_tool("download", args.download)
+    assert download is not None
+    rows = [Row(v) for v in variants]
+    ours_env = {**os.environ, **pin}
+    with image_server(download, args.latency_ms, args.pool_size, root, ours_env) as server:
+        w.base_url = server.base_url
+        (root / "urls.txt").write_text("".join(w.url(i) + "\n" for i in range(w.count)))
+        warm(server, width, height, args.pool_size)
+        if args.startup:
+            one = Workload(1, width, height, args.latency_ms, args.concurrency, args.pool_size)
+            one.base_url, one.work = server.base_url, root / "n1"
+            one.work.mkdir(exist_ok=True)
+            (one.work / "urls.txt").write_text(one.url(0) + "\n")
+            for row in rows:
+                out = one.work / row.variant.name
+                cmd = row.variant.command(one, out)
+                env = {**os.environ, **row.variant.env, **_pin_for(row, pin)}
+                log = one.work / f"{row.variant.name}.log"
+                m = measure(cmd, log, env, args.timeout, ignore=[server.proc.pid])
+                ok = row.variant.count_ok(one, out) if out.exists() else 0
+                row.startup_s = m.wall_s if ok == 1 else float("nan")
+                print(f"  [n=1] {row.variant.name:<14} {m.wall_s:7.2f} s", file=sys.stderr)
+        for r in range(args.repeat):
+            shift = r % len(rows)
+            for row in rows[shift:] + rows[:shift]:  # rotated: no tool is always first
+                out = root / f"{row.variant.name}-{r}"
+                cmd = row.variant.command(w, out)
+                env = {**os.environ, **row.variant.env, **_pin_for(row, pin)}
+                log = root / f"{row.variant.name}-{r}.log"
+                if r == 0:
+                    print("  $ " + " ".join(cmd), file=sys.stderr)
+                before = proc_cpu_s(server.proc.pid)
+                m = measure(cmd, log, env, args.timeout, ignore=[server.proc.pid])
+                row.server_cpu.append(proc_cpu_s(server.proc.pid) - before)
+                ok = row.variant.count_ok(w, out) if out.exists() else 0
+                row.runs.append(m)
+                row.oks.append(ok)
+                if m.returncode != 0 or ok != w.count:
+                    last = (m.log_tail.strip().splitlines() or ["(no output)"])[-1][:200]
+                    row.errors.append(f"run {r}: exit {m.returncode}, {ok} ok; last line: {last}")
+                print(
+                    f"  [{r + 1}/{args.repeat}] {row.variant.name:<14} {m.wall_s:7.2f} s  "
+                    f"{ok:>6} ok  exit {m.returncode}  cpu {m.cpu_s:6.2f} s",
+                    file=sys.stderr,
+                )
+                if args.keep is None:
+                    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def _pin_for(row: Row, pin: dict[str, str]) -> dict[str, str]:
+    return pin if row.variant.tool in BACKENDS else {}
+
+
+def ratio(row: Row, rows: list[Row]) -> str:
+    base = "img2dataset" if row.variant.kind == THUMB else "curl"
+    ref = next((r for r in rows if r.variant.name == base), None)
+    if ref is None or row is ref:
+        return "-" if row is ref else "n/a"
+    if ref.images_per_s == 0:
+        return "inf" if row.images_per_s > 0 else "n/a"
+    x = row.images_per_s / ref.images_per_s
+    verdict = "faster" if x >= 1.05 else "SLOWER" if x <= 0.95 else "same"
+    return f"{x:.2f}x vs {base} ({verdict})"
+
+
+def render(rows: list[Row], args: argparse.Namespace) -> str:
+    table = Table(
+        [
+            "tool/variant", "kind", "median wall s", "images/s", "CPU s", "server CPU s",
+            "peak RSS MB", "tree RSS MB", "ok", "ratio (images/s)",
+        ] + (["n=1 wall s"] if args.startup else [])
+    )  # fmt: skip
+    for row in rows:
+        table.rows.append(
+            [
+                row.variant.name,
+                row.variant.kind,
+                f"{row.med('wall_s'):.2f}",
+                f"{row.images_per_s:.1f}",
+                f"{row.med('cpu_s'):.2f}",
+                f"{median(row.server_cpu):.2f}",
+                f"{row.med('maxrss_mb'):.0f}",
+                f"{row.med('tree_rss_mb'):.0f}",
+                f"{row.ok}/{args.count}",
+                ratio(row, rows),
+            ]
+            + ([f"{row.startup_s:.2f}"] if args.startup else [])
+        )
+    head = (
+        f"{args.count} images of {args.size}, server latency {args.latency_ms:g} ms, "
+        f"concurrency {args.concurrency}, medians of {args.repeat} runs "
+        f"({machine_info()['cpus']} CPUs, load {os.getloadavg()[0]:.2f})"
+    )
+    return head + "\n" + table.render()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    subreaper = become_subreaper()
+    variants, skipped = build_variants(args)
+    if not subreaper:
+        print("warning: not a subreaper: CPU of orphaned grandchildren is missed", file=sys.stderr)
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not variants:
+        print("nothing to run", file=sys.stderr)
+        return 2
+    version = code_version()
+    with tempfile.TemporaryDirectory(prefix="peers-") as name:
+        root = Path(name)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            root = args.keep
+        pin = {} if args.no_pin else pin_package(Path(name) / "pinned")
+        rows = run_all(args, variants, root, pin)
+    after = code_version()
+    print(render(rows, args))
+    print(f"code measured: downloader {version}" + ("" if args.no_pin else " (pinned copy)"))
+    if args.no_pin and after != version:
+        print(f"WARNING: the working tree changed during the run ({version} -> {after})")
+    for line in skipped:
+        print(f"skipped: {line}")
+    for row in rows:
+        for error in row.errors:
+            print(f"problem: {row.variant.name} {error}")
+    print(
+        "peak RSS = largest single process (wait4 ru_maxrss); tree RSS = peak of the summed RSS "
+        "of the whole process tree, sampled every 0.1 s; CPU s = user+sys of the whole tree; "
+        "server CPU s = what the image server used meanwhile (same 2 cores)."
+    )
+    if args.json is not None:
+        data = to_json(rows, args, skipped, subreaper, version)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    failed = any(row.errors for row in rows)
+    return 1 if failed else 0
+
+
+def to_json(
+    rows: list[Row], args: argparse.Namespace, skipped: list[str], reaper: bool, version: str
+) -> dict:
+    return {
+        "count": args.count,
+        "size": args.size,
+        "latency_ms": args.latency_ms,
+        "concurrency": args.concurrency,
+        "repeat": args.repeat,
+        "machine": machine_info(),
+        "code": version,
+        "pinned": not args.no_pin,
+        "subreaper": reaper,
+        "skipped": skipped,
+        "variants": {
+            row.variant.name: {
+                "tool": row.variant.tool,
+                "kind": row.variant.kind,
+                "note": row.variant.note,
+                "wall_s_median": row.med("wall_s"),
+                "images_per_s_median": row.images_per_s,
+                "cpu_s_median": row.med("cpu_s"),
+                "server_cpu_s_median": median(row.server_cpu),
+                "peak_rss_mb_median": row.med("maxrss_mb"),
+                "tree_rss_mb_median": row.med("tree_rss_mb"),
+                "ok_median": row.ok,
+                "ratio": ratio(row, rows),
+                "startup_wall_s_n1": row.startup_s,
+                "errors": row.errors,
+                "runs": [
+                    {**asdict(run), "ok": ok, "server_cpu_s": cpu, "root_series": None}
+                    for run, ok, cpu in zip(row.runs, row.oks, row.server_cpu, strict=True)
+                ],
+            }
+            for row in rows
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
