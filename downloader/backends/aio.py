@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -83,6 +84,9 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
     concurrency = settings.http.concurrency
     thumbs = settings.thumbnails
     loop = asyncio.get_running_loop()
+    # aiofiles runs writes in the loop's default executor: two threads keep up with the
+    # disk, where the default (cores + 4) only adds threads competing for the GIL.
+    loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="writer"))
     task = asyncio.current_task()
     if task is not None:
         _cancel_on_signals(task)
