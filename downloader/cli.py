@@ -323,7 +323,7 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     """
     import json
 
-    from .compare import SCENARIOS, rows_to_json, verdict, write_chart
+    from .compare import SCENARIOS, print_table, rows_to_json, verdict, write_chart
     from .compare import compare as run_compare
 
     parent = ctx.obj or {}
@@ -348,7 +348,7 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     if options["chart"] is not None:
         _check_chart_dependency()
     rows = run_compare(settings, backends, options["repeat"], options["keep"])
-    _print_table(rows, settings, options["scenario"])
+    print_table(rows, settings, options["scenario"])
     click.echo(verdict(rows))
     if options["json_path"] is not None:
         data = rows_to_json(rows, settings, options["scenario"])
@@ -380,35 +380,3 @@ def _check_chart_dependency() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("--chart needs matplotlib: pip install 'downloader[chart]'") from None
-
-
-def _print_table(rows: list[Any], settings: Settings, scenario: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    fastest = min(row.wall_s for row in rows)
-    latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
-    table = Table(
-        title=f"{scenario or 'custom'}: {settings.count} images of {settings.width}x"
-        f"{settings.height}{latency}, concurrency {settings.http.concurrency}, "
-        f"thumbnails {settings.thumbnails.size or 'off'}",
-    )
-    for column in (
-        "backend", "wall s", "images/s", "MB/s", "p50 ms", "p95 ms",
-        "CPU s", "peak RSS MB", "failed", "vs fastest",
-    ):  # fmt: skip
-        table.add_column(column, justify="left" if column == "backend" else "right")
-    for row in rows:
-        table.add_row(
-            row.backend,
-            f"{row.wall_s:.2f}",
-            f"{row.images_per_s:.1f}",
-            f"{row.mb_per_s:.2f}",
-            f"{row.median('p50_ms'):.0f}",
-            f"{row.median('p95_ms'):.0f}",
-            f"{row.median('cpu_s'):.2f}",
-            f"{row.median('peak_rss_mb'):.0f}",
-            str(sum(run.failed for run in row.runs)),
-            f"{row.wall_s / fastest:.2f}x",
-        )
-    Console(width=120).print(table)

@@ -199,6 +199,39 @@ def rows_to_json(rows: list[Row], settings: Settings, scenario: str | None) -> d
     }
 
 
+def print_table(rows: list[Row], settings: Settings, scenario: str | None) -> None:
+    """The side-by-side table, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    fastest = min(row.wall_s for row in rows)
+    latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
+    table = Table(
+        title=f"{scenario or 'custom'}: {settings.count} images of {settings.width}x"
+        f"{settings.height}{latency}, concurrency {settings.http.concurrency}, "
+        f"thumbnails {settings.thumbnails.size or 'off'}",
+    )
+    for column in (
+        "backend", "wall s", "images/s", "MB/s", "p50 ms", "p95 ms",
+        "CPU s", "peak RSS MB", "failed", "vs fastest",
+    ):  # fmt: skip
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in rows:
+        table.add_row(
+            row.backend,
+            f"{row.wall_s:.2f}",
+            f"{row.images_per_s:.1f}",
+            f"{row.mb_per_s:.2f}",
+            f"{row.median('p50_ms'):.0f}",
+            f"{row.median('p95_ms'):.0f}",
+            f"{row.median('cpu_s'):.2f}",
+            f"{row.median('peak_rss_mb'):.0f}",
+            str(sum(run.failed for run in row.runs)),
+            f"{row.wall_s / fastest:.2f}x",
+        )
+    Console(width=120).print(table)
+
+
 def verdict(rows: list[Row]) -> str:
     ranked = sorted(rows, key=lambda row: row.wall_s)
     if len(ranked) < 2:

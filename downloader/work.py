@@ -31,7 +31,7 @@ AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
 
 
 def cpu_stage(settings: Settings) -> CpuStage:
-    """``inspect_image`` bound to the thumbnail settings (picklable via a plain call)."""
+    """``inspect_image`` bound to the thumbnail settings, run where it is called."""
     size, quality = settings.thumbnails.size, settings.thumbnails.quality
     return lambda data: inspect_image(data, size, quality)
 
@@ -45,6 +45,7 @@ def handle_sync(
 ) -> Result:
     """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given."""
     start = time.perf_counter()
+    fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
         fetched = fetch_sync(session, job.url, settings.http, gate=gate)
@@ -54,7 +55,7 @@ def handle_sync(
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=fetched.attempts)
+        return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
     return success(job, fetched, info, saved, start)
 
 
@@ -67,6 +68,7 @@ async def handle_async(
 ) -> Result:
     """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop."""
     start = time.perf_counter()
+    fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
@@ -76,7 +78,7 @@ async def handle_async(
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=fetched.attempts)
+        return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
     return success(job, fetched, info, saved, start)
 
 
