@@ -354,8 +354,10 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
         data = rows_to_json(rows, settings, options["scenario"])
         options["json_path"].write_text(json.dumps(data, indent=2) + "\n")
     if options["chart"] is not None:
-        title = f"{options['scenario'] or 'custom'}: {settings.count} x {settings.width}x" + str(
-            settings.height
+        latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
+        title = (
+            f"{options['scenario'] or 'custom'}: {settings.count} x "
+            f"{settings.width}x{settings.height}{latency}"
         )
         write_chart(rows, options["chart"], title)
     failed = sum(run.failed for row in rows for run in row.runs)

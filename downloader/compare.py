@@ -237,10 +237,10 @@ def verdict(rows: list[Row]) -> str:
     if len(ranked) < 2:
         return f"{ranked[0].backend}: {ranked[0].wall_s:.2f} s"
     best, second, worst = ranked[0], ranked[1], ranked[-1]
-    return (
-        f"{best.backend} won: {second.wall_s / best.wall_s:.2f}x faster than "
-        f"{second.backend}, {worst.wall_s / best.wall_s:.2f}x faster than {worst.backend}"
-    )
+    text = f"{best.backend} won: {second.wall_s / best.wall_s:.2f}x faster than {second.backend}"
+    if worst is not second:
+        text += f", {worst.wall_s / best.wall_s:.2f}x faster than {worst.backend}"
+    return text
 
 
 def write_chart(rows: list[Row], path: Path, title: str) -> None:

@@ -25,6 +25,7 @@ def test_verdict_names_the_winner_and_the_ratio() -> None:
 
     text = verdict([row("sync", 4.0), row("asyncio", 1.0), row("threads", 2.0)])
     assert text == "asyncio won: 2.00x faster than threads, 4.00x faster than sync"
+    assert verdict([row("sync", 3.0), row("asyncio", 1.5)]) == "asyncio won: 2.00x faster than sync"
 
 
 def test_compare_runs_each_backend_and_writes_json(tmp_path: Path) -> None:
@@ -77,3 +78,13 @@ def test_chart_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "downloader[chart]" in result.stderr
     assert not (tmp_path / "c.png").exists()
+
+
+def test_chart_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    chart = tmp_path / "c.png"
+    result = CliRunner().invoke(
+        main, ["compare", "-n", "2", "--backends", "sync", "--chart", str(chart)]
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    assert chart.read_bytes().startswith(b"\x89PNG")
