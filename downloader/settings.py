@@ -148,6 +148,7 @@ class Settings:
     match: str = ""  # "", "all" or "any": how loremflickr combines keywords
     unique: bool = False
     name_template: str = ""
+    event_loop: str = "auto"  # asyncio backends: "auto" = uvloop when installed, "asyncio"
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -161,6 +162,7 @@ class Settings:
             f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}",
         )
         _check(self.match in ("", "all", "any"), "match must be all or any")
+        _check(self.event_loop in ("auto", "asyncio"), "event_loop must be auto or asyncio")
         _check(
             not (self.unique and (self.resume or self.retry_failed)),
             "--unique cannot be combined with --resume or --retry-failed",

@@ -32,7 +32,7 @@ class AsyncioBackend:
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
         try:
-            run_event_loop(_main(jobs, settings, emit))
+            run_event_loop(_main(jobs, settings, emit), settings.event_loop)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
 
@@ -56,14 +56,17 @@ def _cancel_on_signals(task: asyncio.Task[None]) -> None:
             loop.add_signal_handler(sig, handler)
 
 
-def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:
-    """``asyncio.run``, on uvloop when it is installed (the ``fast`` extra)."""
-    try:
-        import uvloop  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        asyncio.run(coro)
-    else:  # pragma: no cover - optional
-        uvloop.run(coro)
+def run_event_loop(coro: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+    """``asyncio.run``; on uvloop when it is installed and ``event_loop`` allows it."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def new_client(settings: Settings) -> aiohttp.ClientSession:
