@@ -249,8 +249,10 @@ def _download(settings: Settings, verbose: int) -> int:
         click.echo(report.note, err=True)
     if report.interrupted:
         return EXIT_INTERRUPTED
-    if settings.unique:
+    if settings.unique and not settings.urls:  # a list has no count to reach
         return EXIT_OK if (report.unique or 0) >= settings.count else EXIT_FAILED
+    if settings.unique:
+        return EXIT_OK if report.failed == 0 else EXIT_FAILED
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
@@ -330,10 +332,10 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     preset = SCENARIOS.get(options["scenario"] or "", {"count": 200})
     size = _size(options["size"]) or preset.get("size")
     overrides: dict[str, Any] = {
-        "count": options["count"] or preset["count"],
+        "count": _first(options["count"], preset["count"]),
         "local": options["local"],
         "server.latency_ms": _first(options["latency_ms"], preset.get("latency_ms")),
-        "http.concurrency": options["concurrency"] or preset.get("concurrency"),
+        "http.concurrency": _first(options["concurrency"], preset.get("concurrency")),
         "thumbnails.size": options["thumbnail_size"],
         "progress": False,
     }
@@ -347,6 +349,13 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
             raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if options["chart"] is not None:
         _check_chart_dependency()
+    for path in (options["json_path"], options["chart"]):
+        if path is not None and not path.parent.is_dir():
+            raise ConfigError(f"cannot write {path}: {path.parent} is not a folder")
+    if options["keep"] is not None:
+        from .storage import check_writable
+
+        check_writable(options["keep"])
     rows = run_compare(settings, backends, options["repeat"], options["keep"])
     print_table(rows, settings, options["scenario"])
     click.echo(verdict(rows))

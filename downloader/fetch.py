@@ -58,13 +58,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _is_number(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only, and short: ``"²".isdigit()`` is true but ``int("²")`` fails, and
+    a 5000-digit header would trip Python's int-parsing limit."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
@@ -79,7 +85,7 @@ def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
 
 def check_declared_length(value: str | None, max_bytes: int) -> int | None:
     """The declared Content-Length, refusing it early when it is over the cap."""
-    if value is None or not value.strip().isdigit():
+    if value is None or not _is_number(value.strip()):
         return None
     length = int(value)
     if length > max_bytes:
@@ -270,6 +276,8 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
         raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
     except requests.RequestException as exc:
         raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
+    except ValueError as exc:  # urllib3's LocationParseError, idna: a URL no client can use
+        raise FetchError(f"invalid URL: {_reason(exc)}: {url}") from None
     finally:
         if handle is not None:
             _watchdog.disarm(handle)
@@ -358,6 +366,8 @@ async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSet
         raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
     except aiohttp.ClientError as exc:
         raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
+    except ValueError as exc:  # UnicodeError from idna, bad ports: a URL no client can use
+        raise FetchError(f"invalid URL: {_reason(exc)}: {url}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -30,7 +30,10 @@ def check_url(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
-    except ValueError as exc:
+        _ = parts.port
+        if host:
+            host.encode("idna")  # empty or over-long labels: "a..b", 64+ characters
+    except (ValueError, UnicodeError) as exc:
         return f"invalid URL {url!r}: {exc}"
     if parts.scheme not in ("http", "https"):
         return f"URL must start with http:// or https://: {url!r}"
@@ -182,9 +185,21 @@ def _rows(fh: IO[str], name: str) -> Iterator[str]:
     columns = [c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter), [])]
     if "url" not in columns:
         raise ConfigError(f"no 'url' column in {name} (columns: {', '.join(columns) or 'none'})")
-    position = columns.index("url")
-    reader = csv.reader(fh, delimiter=delimiter)
-    return (row[position].strip() if len(row) > position else "" for row in reader if row)
+    return _column(csv.reader(fh, delimiter=delimiter), columns.index("url"))
+
+
+def _column(reader: Iterator[list[str]], position: int) -> Iterator[str]:
+    """One value a row; a row the csv module cannot read becomes an empty (failed) URL."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield ""
+            continue
+        if row:
+            yield row[position].strip() if len(row) > position else ""
 
 
 def _plain_lines(first: str, fh: IO[str]) -> Iterator[str]:

@@ -78,14 +78,17 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     interrupts = _Interrupts()
     with _source(settings) as source:
         records = read_manifest(settings.out) if settings.resume or settings.retry_failed else {}
-        kept = _kept(settings, source, records)
+        # Records beyond this run's -n are carried over as they are: a --retry-failed
+        # without the first run's -n must not drop their lines.
+        carried = {} if settings.urls else {i: r for i, r in records.items() if i >= settings.count}
+        kept = _kept(settings, source, {i: r for i, r in records.items() if i not in carried})
         # --retry-failed re-runs every recorded index it does not keep: the failed ones,
         # and ok ones whose file is gone or altered (so none loses its manifest line).
-        rerun = set(records) - kept.keys() if settings.retry_failed else None
+        rerun = set(records) - kept.keys() - carried.keys() if settings.retry_failed else None
         report.skipped = len(kept)
         if observer is not None:
             observer.start(_count_to_run(settings, kept, rerun), len(kept))
-        with ManifestWriter(settings.out, iter(kept.values())) as manifest:
+        with ManifestWriter(settings.out, iter([*carried.values(), *kept.values()])) as manifest:
 
             def emit(result: Result) -> None:
                 # Ctrl-C waits until the result is recorded: no file without its line.

@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .errors import ConfigError
 from .settings import ServerSettings
 
 MAX_SIDE = 4000
@@ -349,9 +350,14 @@ def server_process(config: ServerSettings) -> Iterator[RunningServer]:
     proc.start()
     child.close()
     try:
-        if not parent.poll(30):
-            raise RuntimeError("built-in image server did not start within 30 s")
-        port = parent.recv()
+        try:
+            if not parent.poll(30):
+                raise EOFError
+            port = parent.recv()
+        except EOFError:
+            raise ConfigError(
+                f"the built-in image server could not listen on {config.host} (see server.host)"
+            ) from None
         yield RunningServer(config.host, port)
     finally:
         proc.terminate()

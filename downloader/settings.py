@@ -41,13 +41,16 @@ class HttpSettings:
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "http.concurrency must be at least 1")
         _check(self.per_host >= 0, "http.per_host must be 0 (no cap) or more")
-        _check(self.timeout > 0, "http.timeout must be a positive number of seconds")
+        _check(0 < self.timeout <= 86400, "http.timeout must be a number of seconds, at most 86400")
         _check(self.retries >= 0, "http.retries must be 0 or more")
-        _check(self.backoff >= 0, "http.backoff must be 0 or more")
-        _check(self.max_backoff >= 0, "http.max_backoff must be 0 or more")
+        _check(0 <= self.backoff <= 3600, "http.backoff must be 0 to 3600 seconds")
+        _check(0 <= self.max_backoff <= 3600, "http.max_backoff must be 0 to 3600 seconds")
         _check(self.max_bytes >= 1, "http.max_bytes must be at least 1")
         _check(self.max_redirects >= 0, "http.max_redirects must be 0 or more")
-        _check(self.rate >= 0, "http.rate must be 0 (no limit) or a positive number per second")
+        _check(
+            self.rate == 0 or 0.001 <= self.rate <= 1e6,
+            "http.rate must be 0 (no limit) or 0.001 to 1000000 requests per second",
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,13 @@ class Settings:
     dask: DaskSettings = field(default_factory=DaskSettings)
 
     def __post_init__(self) -> None:
+        # The Python API builds Settings directly: a str path is fine, a str count is not.
+        if isinstance(self.out, str):
+            object.__setattr__(self, "out", Path(self.out))
+        for name, kind in typing.get_type_hints(Settings).items():
+            value = getattr(self, name)
+            if kind in (int, str, bool, Path) and not _is_a(value, kind):
+                raise ConfigError(f"{name} must be {_kind_name(kind)}, got {value!r}")
         _check(self.count >= 1, "count must be at least 1")
         _check(self.width >= 1 and self.height >= 1, "width and height must be at least 1")
         _check(
@@ -179,6 +189,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _is_a(value: Any, kind: type[Any]) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _check(ok: bool, message: str) -> None:

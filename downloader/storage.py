@@ -97,9 +97,14 @@ def safe_name(
     raw = template.format(
         index=index, stem=stem, sha8=sha[:8], sha256=sha, ext=ext, width=size[0], height=size[1]
     )
-    base = raw.removesuffix(ext).replace("/", "_").replace("\\", "_")
-    base = _UNSAFE.sub("_", base).strip("._-")[: MAX_NAME - len(ext)].rstrip("._-")
-    return f"{base or f'{index:06d}'}{ext}"
+    wanted = raw.removesuffix(ext)
+    base = _UNSAFE.sub("_", wanted.replace("/", "_").replace("\\", "_")).strip("._-")
+    if base != wanted or len(base) > MAX_NAME - len(ext):
+        # Making it safe changed the name, and may have cut away what made it unique
+        # ({index:0>200} is 200 zeros before the index): the index keeps it unique.
+        tag = f"-{index:06d}"
+        base = base[: MAX_NAME - len(ext) - len(tag)].rstrip("._-") + tag
+    return f"{base.lstrip('._-') or f'{index:06d}'}{ext}"
 
 
 def thumbnail_name(image_name: str) -> str:
@@ -194,13 +199,39 @@ def read_manifest(out: Path) -> dict[int, Result]:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
-                record = json.loads(line)
-                result = Result.from_record(record)
-                if isinstance(result.index, int):
-                    records[result.index] = result
-            except (ValueError, TypeError):
+                result = Result.from_record(json.loads(line))
+            except (ValueError, TypeError, AttributeError):
                 continue
+            if _plausible(result):
+                records[result.index] = result
     return records
+
+
+def _plausible(result: Result) -> bool:
+    """A record we may act on: right types, and paths that stay inside OUT (a manifest is
+    input too: an edited one must not make --resume read ``../../etc``)."""
+    if not isinstance(result.index, int) or not isinstance(result.url, str):
+        return False
+    if result.path is not None and not _is_component(result.path):
+        return False
+    thumb = result.thumbnail
+    if thumb is not None and not (
+        isinstance(thumb, str)
+        and thumb.startswith(f"{THUMBS}/")
+        and _is_component(thumb[len(THUMBS) + 1 :])
+    ):
+        return False
+    return result.sha256 is None or isinstance(result.sha256, str)
+
+
+def _is_component(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+    )
 
 
 def still_valid(out: Path, result: Result) -> bool:
@@ -225,32 +256,51 @@ class ManifestWriter:
     FLUSH_EVERY = 0.2
 
     def __init__(self, out: Path, keep: Iterator[Result] | None = None) -> None:
-        path = out / MANIFEST
         # Start from the records we keep (resume) in a fresh file, swapped in atomically,
-        # so the manifest never holds two lines for one index.
-        tmp = temp_path(path)
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # so the manifest never holds two lines for one index. The swap waits for the first
+        # result (or a clean close): a run that fails to start (a Dask scheduler that
+        # cannot be reached) leaves the previous manifest as it was.
+        self._path = out / MANIFEST
+        if self._path.is_dir():
+            raise StorageError(f"cannot write the manifest {self._path}: it is a folder")
+        self._tmp: Path | None = temp_path(self._path)
+        try:
+            self._fh: IO[str] = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - close()
             for result in keep or ():
-                fh.write(_line(result))
-        os.replace(tmp, path)
-        self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                self._fh.write(_line(result))
+        except OSError as exc:
+            self._tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write the manifest {self._path}: {exc.strerror}") from None
         self._flushed = time.monotonic()
 
+    def _swap(self) -> None:
+        if self._tmp is not None:
+            self._fh.flush()
+            os.replace(self._tmp, self._path)  # the open handle now appends to the manifest
+            self._tmp = None
+
     def write(self, result: Result) -> None:
+        self._swap()
         self._fh.write(_line(result))
         now = time.monotonic()
         if now - self._flushed >= self.FLUSH_EVERY:
             self._fh.flush()
             self._flushed = now
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        if self._fh.closed:
+            return
+        if commit:
+            self._swap()
         self._fh.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ManifestWriter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
+        self.close(commit=kind is None)
 
 
 def _line(result: Result) -> str:

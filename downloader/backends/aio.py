@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,10 +32,18 @@ class AsyncioBackend:
     name = "asyncio"
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+        # Closing the loop resets SIGINT/SIGTERM to Python's defaults: put back the
+        # pipeline's handlers (a SIGTERM after the run must still stop it cleanly).
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             run_event_loop(_main(jobs, settings, emit), settings.event_loop)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in previous.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
 
 
 def _cancel_on_signals(task: asyncio.Task[None]) -> None:

@@ -14,9 +14,10 @@ before any work is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,25 +74,32 @@ class DaskBackend:
                     pending.add(client.submit(run_shard, shard, settings, pure=False))
 
     @staticmethod
-    def _client(settings: Settings) -> Client:
+    @contextlib.contextmanager
+    def _client(settings: Settings) -> Iterator[Client]:
+        """A client of the given scheduler, or of a LocalCluster that is closed with it."""
         if settings.dask.scheduler:
             try:
-                return Client(settings.dask.scheduler, timeout=10)
+                client = Client(settings.dask.scheduler, timeout=10)
             except (OSError, TimeoutError) as exc:
                 raise StorageError(
                     f"cannot reach the Dask scheduler {settings.dask.scheduler}: {exc}"
                 ) from None
-        workers = settings.dask.workers or cpu_count()
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            # The scheduler's HTTP server starts whatever we ask: on a free port, it never
-            # collides with another cluster's 8787.
-            dashboard_address="127.0.0.1:0",
-            silence_logs=50,
-        )
-        return Client(cluster)
+            with client:
+                yield client
+            return
+        with (
+            LocalCluster(
+                n_workers=settings.dask.workers or cpu_count(),
+                threads_per_worker=1,
+                processes=True,
+                # The scheduler's HTTP server starts whatever we ask: on a free port, it
+                # never collides with another cluster's 8787.
+                dashboard_address="127.0.0.1:0",
+                silence_logs=50,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
 
     @staticmethod
     def _check_workers(client: Client, out: Path) -> None:

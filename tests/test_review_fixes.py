@@ -1,0 +1,154 @@
+"""Regressions for bugs a code review found: each was a traceback, a hang or lost data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import ImageServer, make_settings
+
+from downloader import ConfigError, download
+from downloader.cli import main
+from downloader.fetch import check_declared_length, parse_retry_after
+from downloader.pipeline import run
+from downloader.result import Result
+from downloader.storage import MANIFEST, ManifestWriter, read_manifest
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def manifest_indices(out: Path) -> list[int]:
+    return sorted(json.loads(line)["index"] for line in (out / MANIFEST).read_text().splitlines())
+
+
+@pytest.mark.parametrize("backend", ["threads", "asyncio"])
+def test_unusable_host_in_a_list_is_a_failed_result(
+    backend: str, image_server: ImageServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pic"
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/320/240?lock=1\nhttp://a..b/x.jpg\nhttp://h:99999/\n")
+    code, _, stderr = invoke("--backend", backend, "--urls", str(listing), "--out", str(out), "-q")
+    assert code == 1 and "Traceback" not in stderr
+    assert manifest_indices(out) == [0, 1, 2]  # the good image has its line
+
+
+def test_unusable_host_in_a_template_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, stderr = invoke("--url", "http://a..b/{i}.jpg", "--out", str(tmp_path / "p"))
+    assert code == 2 and stderr.startswith("error:") and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("value", ["²", "1" * 5000, "-1", "", "12a"])
+def test_hostile_numeric_headers_are_ignored(value: str) -> None:
+    assert check_declared_length(value, 10) is None
+    assert parse_retry_after(value) is None
+
+
+def test_name_template_that_loses_uniqueness_still_keeps_every_image(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pic"
+    settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 3)
+    report = run(settings.replace(name_template="{index:0>200}{ext}"))
+    paths = {r.path for r in report.results}
+    assert len(paths) == 3 and all(len(str(p)) <= 100 for p in paths)
+    assert len([p for p in out.iterdir() if p.suffix == ".jpg"]) == 3
+
+
+def test_a_run_that_fails_to_start_keeps_the_previous_manifest(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text('{"index": 0, "url": "http://h/0", "status": "ok"}\n')
+    with pytest.raises(ConfigError), ManifestWriter(tmp_path):
+        raise ConfigError("cannot reach the scheduler")
+    assert list(read_manifest(tmp_path)) == [0]
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST]
+
+
+def test_retry_failed_without_the_first_count_keeps_every_line(tmp_path: Path) -> None:
+    out = tmp_path / "pic"
+    assert invoke("-n", "12", "--local", "--out", str(out), "-q")[0] == 0
+    code, _, _ = invoke("--local", "--out", str(out), "-q", "--retry-failed")
+    assert code == 0
+    assert manifest_indices(out) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--timeout", "inf"],
+        ["--timeout", "1e300"],
+        ["--rate", "1e-300"],
+        ["--rate", "nan"],
+    ],
+)
+def test_non_finite_numbers_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    code, _, stderr = invoke(*args, "-n", "1", "--out", str(tmp_path / "pic"))
+    assert code == 2 and stderr.startswith("error:") and len(stderr.splitlines()) == 1
+
+
+def test_local_server_that_cannot_listen_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOWNLOADER_SERVER_HOST", "192.0.2.1")  # TEST-NET: not ours to bind
+    code, _, stderr = invoke("-n", "1", "--local", "--out", str(tmp_path / "pic"), "-q")
+    assert code == 2 and "could not listen" in stderr and "Traceback" not in stderr
+
+
+def test_csv_row_the_csv_module_cannot_read_is_a_failed_result(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    table = tmp_path / "urls.csv"
+    good = f"{image_server.base}/320/240?lock=1"
+    table.write_text(f'url,note\n{good},a\n"{good}x,{"y" * 200_000}\n{good},c\n')
+    settings = make_settings("threads", tmp_path / "pic", "http://x/{i}", 1)
+    report = run(settings.replace(urls=str(table)))
+    assert report.ok >= 2 and report.ok + report.failed == len(report.results)
+    assert len(read_manifest(tmp_path / "pic")) == len(report.results)
+
+
+def test_resume_ignores_records_that_point_outside_out(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pic"
+    out.mkdir()
+    (out / MANIFEST).write_text(
+        json.dumps({"index": 0, "url": "x", "status": "ok", "path": "../../etc/hostname"})
+        + "\n"
+        + json.dumps({"index": 1, "url": 5, "status": "ok"})
+        + "\n"
+    )
+    assert read_manifest(out) == {}
+    settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 2)
+    assert run(settings.replace(resume=True)).ok == 2
+
+
+def test_manifest_that_is_a_folder_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "pic" / MANIFEST).mkdir(parents=True)
+    code, _, stderr = invoke("-n", "1", "--local", "--out", str(tmp_path / "pic"), "-q")
+    assert code == 2 and "manifest" in stderr and "Traceback" not in stderr
+
+
+def test_unique_url_list_all_distinct_exits_zero(image_server: ImageServer, tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{image_server.base}/320/240?lock={i}\n" for i in range(3)))
+    code, _, _ = invoke("--urls", str(listing), "--unique", "--out", str(tmp_path / "p"), "-q")
+    assert code == 0
+
+
+def test_compare_refuses_an_unwritable_json_path_before_running() -> None:
+    code, stdout, stderr = invoke("compare", "-n", "1", "--json", "/dev/null/x.json")
+    assert code == 2 and "not a folder" in stderr and stdout == ""
+
+
+def test_python_api_rejects_wrong_types_with_config_error() -> None:
+    with pytest.raises(ConfigError, match="count must be an integer"):
+        download(count="2", progress=False)  # type: ignore[arg-type]
+
+
+def test_result_from_record_round_trips() -> None:
+    result = Result(index=3, url="http://h/3", status="ok", path="000003.jpg", bytes=5)
+    assert Result.from_record(result.to_record()) == result
