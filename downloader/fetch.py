@@ -8,13 +8,8 @@ HTTP, and both run their single attempt under the same tenacity policy (``retry_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
-import heapq
-import itertools
 import os
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -154,60 +149,6 @@ def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
     return None
 
 
-class _Watchdog:
-    """One thread per process that aborts requests past their deadline.
-
-    requests has no total timeout: its read timeout bounds each ``recv``, so a server that
-    trickles one byte a second never trips it. Shutting the socket down wakes the blocked
-    read, and the shell then reports a timeout.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, list[Callable[[], None] | None]]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, deadline: float, action: Callable[[], None]) -> list[Callable[[], None] | None]:
-        handle: list[Callable[[], None] | None] = [action]
-        with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._seq), handle))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="deadline")
-                self._thread.start()
-            self._cond.notify()
-        return handle
-
-    @staticmethod
-    def disarm(handle: list[Callable[[], None] | None]) -> None:
-        handle[0] = None
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(wait)
-                _, _, handle = heapq.heappop(self._heap)
-            action = handle[0]
-            if action is not None:
-                with contextlib.suppress(Exception):
-                    action()
-
-
-_watchdog = _Watchdog()
-
-
-def _abort_response(resp: requests.Response) -> Callable[[], None]:
-    def abort() -> None:
-        conn = getattr(resp.raw, "connection", None)
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-
-    return abort
-
-
 # ---------------------------------------------------------------------------- requests shell
 
 
@@ -244,11 +185,14 @@ def fetch_sync(
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
     import requests
 
+    from .deadline import request_deadline
+
     deadline = time.monotonic() + http.timeout
-    handle = None
     try:
-        with session.get(url, stream=True, timeout=http.timeout) as resp:
-            handle = _watchdog.arm(deadline, _abort_response(resp))
+        with (
+            request_deadline(deadline),
+            session.get(url, stream=True, timeout=http.timeout) as resp,
+        ):
             check_status(resp.status_code, resp.headers, url)
             check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             chunks: list[bytes] = []
@@ -271,16 +215,13 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
     except requests.Timeout:
         raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        if time.monotonic() >= deadline:  # the watchdog cut a trickling body short
+        if time.monotonic() >= deadline:  # the watchdog cut a trickling server short
             raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
         raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
     except requests.RequestException as exc:
         raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
     except ValueError as exc:  # urllib3's LocationParseError, idna: a URL no client can use
         raise FetchError(f"invalid URL: {_reason(exc)}: {url}") from None
-    finally:
-        if handle is not None:
-            _watchdog.disarm(handle)
 
 
 def proxies_configured() -> bool:
@@ -293,13 +234,14 @@ def proxies_configured() -> bool:
 def new_session(http: HttpSettings) -> requests.Session:
     """A requests Session sized for one thread or process."""
     import requests
-    from requests.adapters import HTTPAdapter
+
+    from .deadline import DeadlineAdapter
 
     session = requests.Session()
     session.trust_env = proxies_configured()
     session.max_redirects = http.max_redirects
     session.headers["User-Agent"] = http.user_agent
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    adapter = DeadlineAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

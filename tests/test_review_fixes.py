@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +16,11 @@ from conftest import ImageServer, make_settings
 
 from downloader import ConfigError, download
 from downloader.cli import main
-from downloader.fetch import check_declared_length, parse_retry_after
+from downloader.errors import RetryableFetchError
+from downloader.fetch import check_declared_length, fetch_sync, new_session, parse_retry_after
 from downloader.pipeline import run
 from downloader.result import Result
+from downloader.settings import HttpSettings
 from downloader.storage import MANIFEST, ManifestWriter, read_manifest
 
 
@@ -152,3 +159,41 @@ def test_python_api_rejects_wrong_types_with_config_error() -> None:
 def test_result_from_record_round_trips() -> None:
     result = Result(index=3, url="http://h/3", status="ok", path="000003.jpg", bytes=5)
     assert Result.from_record(result.to_record()) == result
+
+
+@pytest.fixture
+def trickling_headers() -> Iterator[str]:
+    """A raw server that sends its status line and headers one byte every 0.1 s."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: yes\r\n\r\n":
+                    if stop.is_set():
+                        break
+                    with contextlib.suppress(OSError):
+                        conn.sendall(bytes([byte]))
+                    time.sleep(0.1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def test_requests_deadline_covers_trickling_headers(trickling_headers: str) -> None:
+    http = HttpSettings(timeout=1.0, retries=0)
+    start = time.monotonic()
+    with new_session(http) as session, pytest.raises(RetryableFetchError, match="timed out"):
+        fetch_sync(session, trickling_headers, http)
+    # The headers alone take 6 s to arrive; each byte is well within the read timeout.
+    assert time.monotonic() - start < 4
