@@ -238,7 +238,7 @@ async def entry(request: web.Request) -> web.StreamResponse:
     width, height = _size(request)
     cfg = app[CONFIG]
     lock = request.query.get("lock")
-    if lock is not None and lock.isdigit():
+    if lock is not None and lock.isascii() and lock.isdigit() and len(lock) <= 18:
         photo = int(lock) % cfg.pool_size
     else:
         photo = app[RNG].randrange(cfg.pool_size)
