@@ -7,6 +7,8 @@ workers); the steps themselves exist once, here. A per-URL failure is returned a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -74,12 +76,27 @@ async def handle_async(
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
         info = await cpu(fetched.data)
         saved = _plan(settings, job, fetched, info)
-        await write_files_async(saved.files)
+        await _write_or_roll_back(saved.files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
         return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
     return success(job, fetched, info, saved, start)
+
+
+async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:
+    """Write through aiofiles; if the task is cancelled meanwhile (Ctrl-C), the thread
+    still finishes the write, so take the files back out: a cancelled job gets no manifest
+    line, and a file without its line is what --resume cannot trust."""
+    write = asyncio.ensure_future(write_files_async(files))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await write
+        for path, _ in files:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _reject_bad_url(job: Job) -> None:

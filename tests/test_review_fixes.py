@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -197,3 +199,30 @@ def test_requests_deadline_covers_trickling_headers(trickling_headers: str) -> N
         fetch_sync(session, trickling_headers, http)
     # The headers alone take 6 s to arrive; each byte is well within the read timeout.
     assert time.monotonic() - start < 4
+
+
+def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
+    image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiofiles.os
+
+    from downloader import work
+    from downloader.storage import write_files
+
+    def slow_write(files: list[tuple[Path, bytes]]) -> None:
+        time.sleep(1.0)  # widens the real window: the write is in aiofiles' thread
+        write_files(files)
+
+    monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(slow_write))
+    out = tmp_path / "pic"
+    settings = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 4)
+    timer = threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        report = run(settings)
+    finally:
+        timer.cancel()
+    assert report.interrupted
+    recorded = {r.path for r in read_manifest(out).values() if r.ok}
+    on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST}
+    assert on_disk == recorded
