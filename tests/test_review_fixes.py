@@ -22,8 +22,9 @@ from downloader.errors import RetryableFetchError
 from downloader.fetch import check_declared_length, fetch_sync, new_session, parse_retry_after
 from downloader.pipeline import run
 from downloader.result import Result
-from downloader.settings import HttpSettings
-from downloader.storage import MANIFEST, ManifestWriter, read_manifest
+from downloader.server import make_app, server_thread
+from downloader.settings import HttpSettings, ServerSettings
+from downloader.storage import MANIFEST, ManifestWriter, prepare_out, read_manifest
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -226,3 +227,30 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
     recorded = {r.path for r in read_manifest(out).values() if r.ok}
     on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST}
     assert on_disk == recorded
+
+
+def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) -> None:
+    """The reviewer's case: 3 URLs, a 4 s pause in the producer, 1 more URL, against a
+    server with 1 s latency and a 2.5 s timeout. Read on the event loop, the pause froze
+    the requests in flight past their deadline (false timeouts)."""
+    from downloader.backends.aio import AsyncioBackend
+    from downloader.jobs import Job
+
+    with server_thread(make_app(ServerSettings(latency_ms=1000))) as server:
+        urls = [f"{server.base_url}/320/240?lock={i}" for i in range(4)]
+
+        def slow_stream() -> Iterator[Job]:
+            for index, url in enumerate(urls):
+                if index == 3:
+                    time.sleep(4)
+                yield Job(index, url)
+
+        out = tmp_path / "pic"
+        prepare_out(out)
+        settings = make_settings(
+            "asyncio", out, "http://x/{i}", 1, timeout=2.5, retries=0, concurrency=1
+        )
+        results: list[Result] = []
+        AsyncioBackend().run(slow_stream(), settings.replace(urls="-"), results.append)
+    assert sorted(r.index for r in results) == [0, 1, 2, 3]
+    assert all(r.ok for r in results), [r.error for r in results]

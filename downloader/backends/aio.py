@@ -6,6 +6,7 @@ aiofiles, thumbnails in a process pool via ``run_in_executor``, never on the eve
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -78,6 +79,38 @@ def run_event_loop(coro: Coroutine[Any, Any, None], event_loop: str = "auto") ->
     asyncio.run(coro)
 
 
+async def _feed_from_thread(jobs: Iterable[Job], queue: asyncio.Queue[Job | None]) -> None:
+    """Read a job stream that may block (a pipe on stdin) on a daemon thread: read on the
+    loop, a slow producer would stall every download in flight, and their deadlines with
+    them. A daemon thread, because a read blocked on a pipe must not hold up the exit."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def pump() -> None:
+        error: BaseException | None = None
+        try:
+            for job in jobs:
+                asyncio.run_coroutine_threadsafe(queue.put(job), loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop is gone or the run was cancelled: nobody is listening
+        except BaseException as exc:  # a broken stream: the run reports it, not this thread
+            error = exc
+
+        def finish() -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(finish)
+
+    threading.Thread(target=pump, daemon=True, name="job-reader").start()
+    await done
+
+
 def new_client(settings: Settings) -> aiohttp.ClientSession:
     http = settings.http
     connector = aiohttp.TCPConnector(
@@ -121,8 +154,11 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
                     emit(await handle_async(session, job, settings, cpu, gate))
 
             async def feed() -> None:
-                for job in jobs:
-                    await queue.put(job)
+                if settings.urls == "-":
+                    await _feed_from_thread(jobs, queue)
+                else:
+                    for job in jobs:
+                        await queue.put(job)
                 for _ in range(concurrency):
                     await queue.put(_DONE)
 
