@@ -149,6 +149,15 @@ def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
     return None
 
 
+def _slow_host(
+    gate: HostGate | None, url: str, exc: RetryableFetchError, http: HttpSettings
+) -> None:
+    """Both shells: a throttling answer pauses every request to its host."""
+    pause = host_pause(exc, http) if gate is not None else None
+    if gate is not None and pause:
+        gate.pause(host_of(url), pause)
+
+
 # ---------------------------------------------------------------------------- requests shell
 
 
@@ -170,9 +179,7 @@ def fetch_sync(
         try:
             return _attempt_sync(session, url, http)
         except RetryableFetchError as exc:
-            pause = host_pause(exc, http) if gate is not None else None
-            if gate is not None and pause:
-                gate.pause(host_of(url), pause)
+            _slow_host(gate, url, exc, http)
             raise
 
     try:
@@ -268,9 +275,7 @@ async def fetch_async(
         try:
             return await _attempt_async(session, url, http)
         except RetryableFetchError as exc:
-            pause = host_pause(exc, http) if gate is not None else None
-            if gate is not None and pause:
-                gate.pause(host_of(url), pause)
+            _slow_host(gate, url, exc, http)
             raise
 
     try:

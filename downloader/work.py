@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,9 +34,11 @@ AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
 
 
 def cpu_stage(settings: Settings) -> CpuStage:
-    """``inspect_image`` bound to the thumbnail settings, run where it is called."""
-    size, quality = settings.thumbnails.size, settings.thumbnails.quality
-    return lambda data: inspect_image(data, size, quality)
+    """``inspect_image`` bound to the thumbnail settings: a ``partial``, so a process pool
+    can pickle it as well as a thread can call it."""
+    return functools.partial(
+        inspect_image, size=settings.thumbnails.size, quality=settings.thumbnails.quality
+    )
 
 
 def handle_sync(

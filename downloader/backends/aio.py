@@ -21,8 +21,8 @@ from ..fetch import proxies_configured
 from ..jobs import Job
 from ..politeness import HostGate
 from ..settings import Settings
-from ..thumbnails import ImageInfo, inspect_image
-from ..work import handle_async
+from ..thumbnails import ImageInfo
+from ..work import cpu_stage, handle_async
 from .base import Emit
 from .pools import cpu_executor
 
@@ -138,13 +138,12 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
 
     with cpu_executor(thumbs) as pool:
+        stage = cpu_stage(settings)
 
         async def cpu(data: bytes) -> ImageInfo:
             if pool is None:
-                return inspect_image(data, thumbs.size, thumbs.quality)
-            return await loop.run_in_executor(
-                pool, inspect_image, data, thumbs.size, thumbs.quality
-            )
+                return stage(data)
+            return await loop.run_in_executor(pool, stage, data)
 
         gate = HostGate(settings.http.rate)
         async with new_client(settings) as session:

@@ -18,8 +18,8 @@ from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
-from ..thumbnails import ImageInfo, inspect_image
-from ..work import CpuStage, handle_sync
+from ..thumbnails import ImageInfo
+from ..work import CpuStage, cpu_stage, handle_sync
 from .base import Emit
 from .pools import bounded_map, cpu_executor, emit_all
 
@@ -46,9 +46,10 @@ class ThreadsBackend:
         with cpu_executor(thumbs) if use_pool else contextlib.nullcontext() as pool:
             cpu: CpuStage | None = None
             if pool is not None:
+                stage = cpu_stage(settings)
 
                 def cpu(data: bytes) -> ImageInfo:
-                    return pool.submit(inspect_image, data, thumbs.size, thumbs.quality).result()
+                    return pool.submit(stage, data).result()
 
             gate = HostGate(settings.http.rate)
 
