@@ -52,7 +52,7 @@ from _harness import (
     warm,
 )
 
-BACKENDS = ("sync", "threads", "asyncio", "processes")
+BACKENDS = ("sync", "threads", "asyncio", "processes", "hybrid")
 THUMB, DL = "thumbnails", "download-only"
 
 

@@ -116,6 +116,7 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         "local": True if options.get("local") else None,
         "progress": False if options.get("quiet") else None,
         "http.concurrency": options.get("concurrency"),
+        "workers": options.get("workers"),
         "http.timeout": options.get("timeout"),
         "http.retries": options.get("retries"),
         "http.rate": _rate(options.get("rate")),
@@ -176,6 +177,11 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
 )
 @click.option(
     "--concurrency", type=int, help="Downloads in flight (processes: worker count). [default: 32]"
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="hybrid backend: event-loop processes sharing the connections. [default: 1 per core]",
 )
 @click.option(
     "--timeout", type=float, help="Deadline per request in seconds, body included. [default: 30]"

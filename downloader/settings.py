@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-BACKENDS = ("sync", "threads", "asyncio", "processes", "dask")
+BACKENDS = ("sync", "threads", "asyncio", "processes", "hybrid", "dask")
 THUMBNAIL_EXECUTORS = ("process", "thread", "inline")
 
 
@@ -152,6 +152,7 @@ class Settings:
     unique: bool = False
     name_template: str = ""
     event_loop: str = "auto"  # asyncio backends: "auto" = uvloop when installed, "asyncio"
+    workers: int = 0  # hybrid: event-loop processes; 0 = one per core
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -172,6 +173,7 @@ class Settings:
             f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}",
         )
         _check(self.match in ("", "all", "any"), "match must be all or any")
+        _check(self.workers >= 0, "workers must be 0 (one per core) or more")
         _check(self.event_loop in ("auto", "asyncio"), "event_loop must be auto or asyncio")
         _check(
             not (self.unique and (self.resume or self.retry_failed)),

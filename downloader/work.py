@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 CpuStage = Callable[[bytes], ImageInfo]
 AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
+AsyncWrite = Callable[[list[tuple[Path, bytes]]], Awaitable[None]]
 
 
 def cpu_stage(settings: Settings) -> CpuStage:
@@ -70,8 +71,10 @@ async def handle_async(
     settings: Settings,
     cpu: AsyncCpuStage,
     gate: HostGate | None = None,
+    write: AsyncWrite | None = None,
 ) -> Result:
-    """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop."""
+    """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop,
+    ``write`` the files (default: through aiofiles, rolled back if the task is cancelled)."""
     start = time.perf_counter()
     fetched: Fetched | None = None
     try:
@@ -79,7 +82,7 @@ async def handle_async(
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
         info = await cpu(fetched.data)
         saved = _plan(settings, job, fetched, info)
-        await _write_or_roll_back(saved.files)
+        await (write or _write_or_roll_back)(saved.files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:

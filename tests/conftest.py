@@ -25,7 +25,7 @@ from downloader.settings import (
     ThumbnailSettings,
 )
 
-BACKENDS = ["sync", "threads", "asyncio", "processes"]
+BACKENDS = ["sync", "threads", "asyncio", "processes", "hybrid"]
 # The contract suite also runs on dask (a LocalCluster of 2 workers) when it is installed.
 CONTRACT_BACKENDS = BACKENDS + (["dask"] if importlib.util.find_spec("distributed") else [])
 OVERSIZE_CAP = 200_000

@@ -306,7 +306,7 @@ def _cli_args(backend: str, server: RunningServer, out: Path, count: int) -> lis
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "processes"])
+@pytest.mark.parametrize("backend", ["asyncio", "processes", "hybrid"])
 def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path: Path) -> None:
     count = 120
     out = tmp_path / "pic"
@@ -357,6 +357,7 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
         ("asyncio", signal.SIGINT),
         ("threads", signal.SIGINT),
         ("processes", signal.SIGINT),
+        ("hybrid", signal.SIGINT),
         ("asyncio", signal.SIGTERM),  # asyncio turns signals into a cancel of its own
         ("threads", signal.SIGTERM),
     ],
@@ -452,6 +453,7 @@ class InterruptWhileRecording:
         "sync",
         "threads",
         "processes",
+        "hybrid",
         # asyncio: an in-flight write finishes in aiofiles' thread after its task was
         # cancelled, so an unrecorded file is left now and then (a race, not asserted here).
     ],

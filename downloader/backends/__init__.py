@@ -15,6 +15,7 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "threads": ("threads", "ThreadsBackend", None),
     "asyncio": ("aio", "AsyncioBackend", None),
     "processes": ("processes", "ProcessesBackend", None),
+    "hybrid": ("hybrid", "HybridBackend", None),
     "dask": ("dask", "DaskBackend", "dask"),
 }
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import AsyncIterable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..jobs import Job
 from ..politeness import HostGate
 from ..settings import Settings
 from ..thumbnails import ImageInfo
-from ..work import cpu_stage, handle_async
+from ..work import AsyncWrite, cpu_stage, handle_async
 from .base import Emit
 from .pools import cpu_executor
 
@@ -126,42 +126,60 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
 
 
 async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
-    concurrency = settings.http.concurrency
-    thumbs = settings.thumbnails
-    loop = asyncio.get_running_loop()
-    # aiofiles runs writes in the loop's default executor: two threads keep up with the
-    # disk, where the default (cores + 4) only adds threads competing for the GIL.
-    loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="writer"))
     task = asyncio.current_task()
     if task is not None:
         _cancel_on_signals(task)
+    # aiofiles runs writes in the loop's default executor: two threads keep up with the
+    # disk, where the default (cores + 4) only adds threads competing for the GIL.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(2, thread_name_prefix="writer")
+    )
+    with cpu_executor(settings.thumbnails) as pool:
+        await run_jobs(jobs, settings, emit, pool, threaded_feed=settings.urls == "-")
+
+
+async def run_jobs(
+    jobs: Iterable[Job] | AsyncIterable[Job],
+    settings: Settings,
+    emit: Emit,
+    pool: concurrent.futures.Executor | None,
+    *,
+    threaded_feed: bool = False,
+    write: AsyncWrite | None = None,
+) -> None:
+    """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
+    jobs from a bounded queue. Thumbnails run in ``pool`` (None: on the loop itself).
+    ``threaded_feed``: ``jobs`` may block (stdin, a pipe), so read it on a thread."""
+    concurrency = settings.http.concurrency
+    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
+    stage = cpu_stage(settings)
 
-    with cpu_executor(thumbs) as pool:
-        stage = cpu_stage(settings)
+    async def cpu(data: bytes) -> ImageInfo:
+        if pool is None:
+            return stage(data)
+        return await loop.run_in_executor(pool, stage, data)
 
-        async def cpu(data: bytes) -> ImageInfo:
-            if pool is None:
-                return stage(data)
-            return await loop.run_in_executor(pool, stage, data)
+    gate = HostGate(settings.http.rate)
+    async with new_client(settings) as session:
 
-        gate = HostGate(settings.http.rate)
-        async with new_client(settings) as session:
+        async def worker() -> None:
+            while (job := await queue.get()) is not _DONE:
+                emit(await handle_async(session, job, settings, cpu, gate, write=write))
 
-            async def worker() -> None:
-                while (job := await queue.get()) is not _DONE:
-                    emit(await handle_async(session, job, settings, cpu, gate))
+        async def feed() -> None:
+            if isinstance(jobs, AsyncIterable):
+                async for job in jobs:
+                    await queue.put(job)
+            elif threaded_feed:
+                await _feed_from_thread(jobs, queue)
+            else:
+                for job in jobs:
+                    await queue.put(job)
+            for _ in range(concurrency):
+                await queue.put(_DONE)
 
-            async def feed() -> None:
-                if settings.urls == "-":
-                    await _feed_from_thread(jobs, queue)
-                else:
-                    for job in jobs:
-                        await queue.put(job)
-                for _ in range(concurrency):
-                    await queue.put(_DONE)
-
-            async with asyncio.TaskGroup() as group:
-                group.create_task(feed())
-                for _ in range(concurrency):
-                    group.create_task(worker())
+        async with asyncio.TaskGroup() as group:
+            group.create_task(feed())
+            for _ in range(concurrency):
+                group.create_task(worker())
