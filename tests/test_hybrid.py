@@ -47,7 +47,8 @@ class KillOneWorker:
     def result(self, result: Result) -> None:
         self.seen += 1
         if self.seen == self.at:
-            workers = [p for p in multiprocessing.active_children() if p.name == "downloader-hybrid"]
+            children = multiprocessing.active_children()
+            workers = [p for p in children if p.name == "downloader-hybrid"]
             assert len(workers) == 2, workers
             self.victim = workers[0].pid
             assert self.victim is not None
