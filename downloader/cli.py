@@ -302,7 +302,7 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
 @click.option("-n", "--count", type=int, help="Images per run. [default: scenario's, or 200]")
 @click.option(
     "--backends",
-    help="Comma-separated backends to compare. [default: sync,threads,asyncio,processes, "
+    help="Comma-separated backends to compare. [default: sync,threads,asyncio,processes,hybrid, "
     "and dask when distributed is installed]",
 )
 @click.option(
@@ -382,7 +382,7 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
 def _default_backends() -> str:
     import importlib.util
 
-    names = ["sync", "threads", "asyncio", "processes"]
+    names = ["sync", "threads", "asyncio", "processes", "hybrid"]
     if importlib.util.find_spec("distributed") is not None:
         names.append("dask")
     return ",".join(names)

@@ -13,6 +13,10 @@ Emit = Callable[[Result], None]
 
 
 class Backend(Protocol):
+    """A way of scheduling the per-job steps. A backend may also define
+    ``prepare(settings)``, which the pipeline calls before anything else (to start worker
+    processes while it reads manifests and opens OUT)."""
+
     name: str
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:

@@ -27,15 +27,28 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def mp_context() -> BaseContext:
+PRELOAD = ("downloader.backends._detach", "downloader.work")
+
+
+def mp_context(preload: tuple[str, ...] = PRELOAD) -> BaseContext:
     """forkserver where there is one: children fork from a clean, single-threaded server
     that has already imported the heavy modules, instead of forking a parent that runs
-    threads (progress bar, test servers) or paying a full interpreter start (spawn)."""
+    threads (progress bar, test servers) or paying a full interpreter start (spawn).
+    ``preload`` counts only for the first call: one forkserver serves the process."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["downloader.backends._detach", "downloader.work"])
+        ctx.set_forkserver_preload(list(preload))
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def start_forkserver(preload: tuple[str, ...] = PRELOAD) -> None:
+    """Start the forkserver now, so that it imports ``preload`` while this process is
+    still busy with its own set-up, rather than when the first worker is asked for."""
+    if mp_context(preload).get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def child_init(parent_pid: int) -> None:
