@@ -183,10 +183,46 @@ def fetch_sync(
             raise
 
     try:
-        fetched: Fetched = Retrying(sleep=sleep, **retry_policy(http))(attempt)
+        try:
+            fetched = attempt()  # most images need one attempt: see _replay
+        except RetryableFetchError as first:
+            retrying = Retrying(sleep=sleep, **retry_policy(http))
+            fetched = retrying(_replay(first, attempt))
     except FetchError as exc:
         raise _failed(exc, attempts) from None
     return replace(fetched, attempts=attempts)
+
+
+def _replay(first: RetryableFetchError, attempt: Callable[[], Fetched]) -> Callable[[], Fetched]:
+    """``attempt``, whose first call re-raises ``first`` instead of running.
+
+    The first attempt runs outside tenacity: its machinery costs ~0.1 ms of CPU an image,
+    more than the rest of our fetch code, and most images need one attempt. When it fails
+    with a retryable error, the policy takes over and is handed that failure as its own
+    attempt 1, so its waits (Retry-After included) and its attempt count stay the policy's.
+    """
+    pending = [first]
+
+    def call() -> Fetched:
+        if pending:
+            raise pending.pop()
+        return attempt()
+
+    return call
+
+
+def _replay_async(
+    first: RetryableFetchError, attempt: Callable[[], Awaitable[Fetched]]
+) -> Callable[[], Awaitable[Fetched]]:
+    """``_replay`` for a coroutine function: tenacity awaits only what is one."""
+    pending = [first]
+
+    async def call() -> Fetched:
+        if pending:
+            raise pending.pop()
+        return await attempt()
+
+    return call
 
 
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
@@ -279,7 +315,11 @@ async def fetch_async(
             raise
 
     try:
-        fetched: Fetched = await AsyncRetrying(sleep=sleep, **retry_policy(http))(attempt)
+        try:
+            fetched = await attempt()  # most images need one attempt: see _replay
+        except RetryableFetchError as first:
+            retrying = AsyncRetrying(sleep=sleep, **retry_policy(http))
+            fetched = await retrying(_replay_async(first, attempt))
     except FetchError as exc:
         raise _failed(exc, attempts) from None
     return replace(fetched, attempts=attempts)
