@@ -29,7 +29,7 @@ from .settings import Settings, build, coerce, flatten
 # cpu: no latency, large images, so the thumbnail stage dominates.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "io": {"count": 200, "latency_ms": 200.0, "size": (320, 240), "concurrency": 100},
-    "cpu": {"count": 200, "latency_ms": 0.0, "size": (1920, 1080), "concurrency": 8},
+    "cpu": {"count": 400, "latency_ms": 0.0, "size": (1920, 1080), "concurrency": 8},
 }
 
 

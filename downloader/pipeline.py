@@ -72,10 +72,10 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     settings; per-image failures are in the report, never raised. Ctrl-C or SIGTERM stops
     the run cleanly: the report says ``interrupted``."""
     backend = get_backend(settings.backend)
+    source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
     prepare = getattr(backend, "prepare", None)
     if prepare is not None:
-        prepare(settings)  # e.g. boot worker processes while the rest is set up
-    source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
+        prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
     prepare_out(settings.out)
     report = Report(backend.name)
     interrupts = _Interrupts()
