@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, DownloaderError, StorageError
 from .settings import BACKENDS, Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,6 +36,9 @@ class App(click.Group):
         except (ConfigError, StorageError) as exc:
             click.echo(f"error: {exc}", err=True)
             code = EXIT_USAGE
+        except DownloaderError as exc:  # a run that could not finish, e.g. every worker failed
+            click.echo(f"error: {exc}", err=True)
+            code = EXIT_FAILED
         except (click.Abort, KeyboardInterrupt):
             click.echo("interrupted", err=True)
             code = EXIT_INTERRUPTED

@@ -6,12 +6,23 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import ImageServer, make_settings
+from test_robustness import (
+    alive,
+    complete_lines,
+    descendants,
+    launched,
+    records,
+    stats,
+    wait_until,
+)
 
-from downloader.backends.hybrid import worker_settings
+from downloader.backends.hybrid import worker_count, worker_settings
+from downloader.backends.pools import cpu_count
 from downloader.pipeline import run
 from downloader.result import Result
 from downloader.server import make_app, server_thread
@@ -20,17 +31,26 @@ from downloader.storage import MANIFEST
 
 
 @pytest.mark.parametrize(
-    ("concurrency", "workers", "shares"),
-    [(64, 2, [32, 32]), (5, 2, [3, 2]), (3, 3, [1, 1, 1])],
+    ("concurrency", "workers", "shares", "per_host"),
+    [(64, 2, [32, 32], [3, 2]), (5, 2, [3, 2], [3, 2]), (5, 5, [1] * 5, [1] * 5)],
 )
-def test_connections_and_rate_are_split_between_workers(
-    concurrency: int, workers: int, shares: list[int]
+def test_connections_limits_and_rate_add_up_over_the_workers(
+    concurrency: int, workers: int, shares: list[int], per_host: list[int]
 ) -> None:
     settings = Settings(http=HttpSettings(concurrency=concurrency, per_host=5, rate=10.0))
     split = worker_settings(settings, workers)
     assert [s.http.concurrency for s in split] == shares
+    assert [s.http.per_host for s in split] == per_host
     assert all(s.http.rate == 10.0 / workers for s in split)
-    assert all(s.http.per_host == -(-5 // workers) for s in split)
+
+
+@pytest.mark.parametrize(
+    ("workers", "concurrency", "per_host", "expected"),
+    [(0, 64, 0, cpu_count()), (4, 2, 0, 2), (4, 64, 1, 1), (3, 64, 2, 2), (3, 64, 0, 3)],
+)
+def test_worker_count(workers: int, concurrency: int, per_host: int, expected: int) -> None:
+    http = HttpSettings(concurrency=concurrency, per_host=per_host)
+    assert worker_count(Settings(workers=workers, http=http)) == expected
 
 
 class KillOneWorker:
@@ -91,3 +111,62 @@ def test_results_match_the_asyncio_backend(image_server: ImageServer, tmp_path: 
             for line in (out / MANIFEST).read_text().splitlines()
         }
     assert manifests["asyncio"] == manifests["hybrid"]
+
+
+def _args(server_url: str, out: Path, count: int, concurrency: int) -> list[str]:
+    return [
+        "--backend", "hybrid", "-n", str(count), "--concurrency", str(concurrency),
+        "--url", server_url, "--out", str(out), "-q",
+    ]  # fmt: skip
+
+
+def test_ctrl_c_stops_downloads_in_flight_after_the_last_job_went_out(tmp_path: Path) -> None:
+    """With -n <= 2 x concurrency every job is handed out at once, and the workers are
+    told "no more jobs" at once: a Ctrl-C must still cancel what they hold, not wait for
+    the server's 60 s."""
+    out = tmp_path / "pic"
+    with server_thread(make_app(ServerSettings(seed=2, latency_ms=60_000))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}"
+        with launched(_args(url, out, 4, 4), tmp_path) as proc:
+            wait_until(lambda: sum(stats(server).values()) >= 4, "4 requests in flight", proc)
+            os.kill(proc.pid, signal.SIGINT)
+            try:
+                stdout, stderr = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail("Ctrl-C waited for the downloads in flight")
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr
+    assert stdout.startswith("interrupted:")
+
+
+def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
+    """~1.5 KB URLs: a worker's jobs (2 x 32 of them) and a batch of 32 results each
+    outgrow a 64 KiB pipe, so both sides block on writes at times."""
+    out = tmp_path / "pic"
+    count = 300
+    with server_thread(make_app(ServerSettings(seed=4))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}&pad=" + "x" * 1500
+        with launched(_args(url, out, count, 64), tmp_path) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the run hung")
+    assert proc.returncode == 0, (stdout, stderr)
+    lines = records(out)
+    assert sorted(line["index"] for line in lines) == list(range(count))
+    assert all(line["status"] == "ok" for line in lines)
+
+
+def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
+    out = tmp_path / "pic"
+    with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}"
+        with launched(_args(url, out, 400, 8), tmp_path) as proc:
+            wait_until(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc)
+            tree = descendants(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            wait_until(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
+            assert proc.stderr is not None
+            stderr = proc.stderr.read()  # every writer is gone: this reaches EOF
+    assert "Traceback" not in stderr, stderr

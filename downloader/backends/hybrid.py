@@ -9,7 +9,8 @@ process boundary; image bytes never do.
 
 The parent hands out jobs on demand (each worker holds at most ``2 x`` its connections),
 so a slow worker gets fewer, and memory stays O(concurrency). It writes the manifest;
-workers only return Results. A worker that dies has its unfinished jobs reported as failed.
+workers only return Results. A worker that dies or fails has the jobs it held reported as
+failed, with the reason; the others carry on with the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import os
 import queue
 import threading
@@ -41,26 +41,36 @@ _BATCH = 32  # results per message at most; fewer after _FLUSH_S
 _FLUSH_S = 0.005
 # Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")
+_PARENT_GONE = (BrokenPipeError, ConnectionResetError, EOFError)
+
+
+def worker_count(settings: Settings) -> int:
+    """``workers`` (0: one per core), at most one per connection, and when there is a
+    per-host limit, at most one per allowed connection (a worker needs one at least)."""
+    count = min(settings.workers or cpu_count(), settings.http.concurrency)
+    return min(count, settings.http.per_host) if settings.http.per_host else count
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def worker_settings(settings: Settings, workers: int) -> list[Settings]:
-    """Each worker's share of the connections, the per-host limit and the rate."""
+    """Each worker's share of the connections, the per-host limit and the rate: the
+    shares add up to the settings' totals."""
     http = settings.http
-    shares = [
-        http.concurrency // workers + (1 if i < http.concurrency % workers else 0)
-        for i in range(workers)
-    ]
+    per_host = _split(http.per_host, workers) if http.per_host else [0] * workers
     return [
         settings.replace(
             http=dataclasses.replace(
-                http,
-                concurrency=share,
-                per_host=math.ceil(http.per_host / workers) if http.per_host else 0,
-                rate=http.rate / workers,
+                http, concurrency=share, per_host=host_share, rate=http.rate / workers
             )
         )
-        for share in shares
+        for share, host_share in zip(_split(http.concurrency, workers), per_host, strict=True)
     ]
+
+
+# ---------------------------------------------------------------------------- worker side
 
 
 def _serve(jobs_in: Connection, results_out: Connection, settings: Settings, parent: int) -> None:
@@ -70,16 +80,18 @@ def _serve(jobs_in: Connection, results_out: Connection, settings: Settings, par
     child_init(parent)
     try:
         run_event_loop(_serve_async(jobs_in, results_out, settings), settings.event_loop)
-    except BaseException:
-        with contextlib.suppress(OSError):
+    except _PARENT_GONE:
+        os._exit(0)  # nobody to report to, and nothing to say on a terminal
+    except BaseException:  # a bug: the parent fails this worker's jobs with the reason
+        with contextlib.suppress(*_PARENT_GONE, OSError):
             results_out.send(("error", traceback.format_exc()))
-        raise
+        os._exit(1)
 
 
 async def _write_inline(files: list[tuple[Path, bytes]]) -> None:
     # On this worker's own core, a 50 KB write to the page cache costs less than the
-    # thread hop aiofiles would take; and a write that is never cancelled halfway needs
-    # no roll-back.
+    # thread hop aiofiles would take. It has no await, so a cancel can never land between
+    # the write and the Result (a file without its manifest line).
     write_files(files)
 
 
@@ -92,7 +104,10 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
 
     def flush() -> None:
         if batch:
-            results_out.send(batch.copy())
+            try:
+                results_out.send(batch.copy())
+            except _PARENT_GONE:  # killed: nobody to report to, nothing to say on a terminal
+                os._exit(0)
             batch.clear()
 
     def emit(result: Result) -> None:
@@ -105,21 +120,21 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
     arrived: asyncio.Queue[list[Job] | None] = asyncio.Queue()
 
     def receive() -> None:
-        # The parent writes each message whole (a few hundred bytes): readable means
-        # recv returns at once.
-        try:
-            message = jobs_in.recv()
-        except (EOFError, OSError):  # the parent is gone
-            message = _STOP
-        if message == _STOP:
-            loop.remove_reader(jobs_in.fileno())
-            if task is not None:
-                task.cancel()
-        elif message is None:
-            loop.remove_reader(jobs_in.fileno())
-            arrived.put_nowait(None)
-        else:
+        # Everything waiting, not one message a wake-up: a pipe left full would block
+        # the parent's feeder. Reading goes on after the last job: a stop may follow.
+        while True:
+            try:
+                message = jobs_in.recv()
+            except (EOFError, OSError):  # the parent is gone
+                message = _STOP
+            if message == _STOP:
+                loop.remove_reader(jobs_in.fileno())
+                if task is not None:
+                    task.cancel()
+                return
             arrived.put_nowait(message)
+            if not jobs_in.poll():
+                return
 
     loop.add_reader(jobs_in.fileno(), receive)
 
@@ -128,11 +143,16 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
             for job in message:
                 yield job
 
-    # Stopped by the parent: what finished is sent below; the rest never ran.
-    with contextlib.suppress(asyncio.CancelledError):
-        await run_jobs(jobs(), settings, emit, None, write=_write_inline)
-    flush()
+    try:
+        # Stopped by the parent: what finished is sent below; the rest never ran.
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_jobs(jobs(), settings, emit, None, write=_write_inline)
+    finally:
+        flush()  # whatever happened, the images already written are reported
     results_out.send(_DONE)
+
+
+# ---------------------------------------------------------------------------- parent side
 
 
 @dataclasses.dataclass
@@ -143,6 +163,12 @@ class _Worker:
     credit: int  # jobs it may still be sent: 2 x its connections, less those it holds
     pending: dict[int, Job] = dataclasses.field(default_factory=dict)
     live: bool = True
+    sending: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def send(self, message: Any) -> None:
+        """Send without holding the run's lock: a full pipe must not stop the receiver."""
+        with self.sending, contextlib.suppress(OSError):
+            self.jobs.send(message)
 
 
 class _End:
@@ -153,27 +179,24 @@ class HybridBackend:
     name = "hybrid"
 
     def prepare(self, settings: Settings) -> None:
-        """Called by the pipeline first thing: the forkserver boots while it sets up."""
+        """Called by the pipeline early: the forkserver boots while it sets up."""
         start_forkserver(_PRELOAD)
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
-        count = min(settings.workers or cpu_count(), settings.http.concurrency)
-        workers = _start(settings, count)
+        workers = _start(settings, worker_count(settings))
         run = _Run(workers)
-        threads = [
-            threading.Thread(target=run.feed, args=(jobs,), daemon=True, name="job-feeder"),
-            threading.Thread(target=run.receive, daemon=True, name="result-receiver"),
-        ]
-        for thread in threads:
-            thread.start()
+        receiving = False
         try:
-            # Only this thread emits, and it only waits on a queue: a Ctrl-C landing here
-            # leaves every received result in the queue, to be recorded below.
-            run.emit_all(emit)
+            # The receiver first: once a job can have gone out, someone takes its result.
+            threading.Thread(target=run.receive, daemon=True, name="hybrid-results").start()
+            receiving = True
+            threading.Thread(target=run.feed, args=(jobs,), daemon=True, name="hybrid-jobs").start()
+            run.emit_all(emit)  # only this thread emits, and it waits on nothing else
         except KeyboardInterrupt:
             run.stop()
-            with contextlib.suppress(KeyboardInterrupt):
-                run.emit_all(_quiet(emit))  # what finished meanwhile is on disk: record it
+            if receiving:
+                with contextlib.suppress(KeyboardInterrupt):
+                    run.emit_all(_quiet(emit))  # what finished meanwhile is on disk
             raise
         finally:
             run.stop()
@@ -185,6 +208,10 @@ class HybridBackend:
                 worker.jobs.close()
         if run.feed_error is not None:
             raise run.feed_error
+        if run.starved:
+            raise DownloaderError(
+                f"every hybrid worker process failed; the last: {run.last_failure}"
+            )
 
 
 def _start(settings: Settings, count: int) -> list[_Worker]:
@@ -208,19 +235,20 @@ def _start(settings: Settings, count: int) -> list[_Worker]:
 
 class _Run:
     """The parent's side: a feeder thread hands out jobs as workers have room, a receiver
-    thread takes their results, and the calling thread emits them."""
+    thread takes their results, and the calling thread emits them. ``room`` guards the
+    workers' credit, pending jobs and liveness; no pipe is ever written under it."""
 
     def __init__(self, workers: list[_Worker]) -> None:
         self.workers = workers
         self.room = threading.Condition()
         self.stopping = False
-        self.inbox: queue.SimpleQueue[Result | BaseException | _End] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Result | _End] = queue.SimpleQueue()
         self.feed_error: BaseException | None = None
+        self.starved = False  # every worker failed before the jobs ran out
+        self.last_failure = ""
 
     def emit_all(self, emit: Emit) -> None:
         while not isinstance(item := self.inbox.get(), _End):
-            if isinstance(item, BaseException):
-                raise item
             emit(item)
 
     def stop(self) -> None:
@@ -230,9 +258,9 @@ class _Run:
                 return
             self.stopping = True
             self.room.notify_all()
-            for worker in self.workers:
-                if worker.live:
-                    _send(worker, _STOP)
+            live = [w for w in self.workers if w.live]
+        for worker in live:
+            worker.send(_STOP)
 
     def feed(self, jobs: Iterable[Job]) -> None:
         """Hand each job to the worker with the most room, as room frees up."""
@@ -244,20 +272,18 @@ class _Run:
                         return
                     worker.credit -= 1
                     worker.pending[job.index] = job
-                    _send(worker, [job])
+                worker.send([job])
         except BaseException as exc:  # a broken job stream: the run reports it
             self.feed_error = exc
         finally:
-            with self.room:
-                if not self.stopping:
-                    for worker in self.workers:
-                        _send(worker, None)  # no more jobs: finish and say done
+            for worker in self.workers:
+                worker.send(None)  # no more jobs: finish what you hold and say done
 
     def _roomiest(self) -> _Worker | None:
         while not self.stopping:
             live = [w for w in self.workers if w.live]
             if not live:
-                self.inbox.put(DownloaderError("every hybrid worker process died"))
+                self.starved = True
                 return None
             best = max(live, key=lambda w: w.credit)
             if best.credit > 0:
@@ -274,10 +300,10 @@ class _Run:
                     if self._take(worker):
                         by_conn[worker.results] = worker
         finally:
-            self.inbox.put(_End())
+            self.inbox.put(_End())  # after every result and every lost job
 
     def _take(self, worker: _Worker) -> bool:
-        """Take one message from ``worker``; False once it is done or dead."""
+        """Take one message from ``worker``; False once it is done, dead or failed."""
         try:
             message = worker.results.recv()
         except (EOFError, OSError):
@@ -291,34 +317,39 @@ class _Run:
             for result in message:
                 self.inbox.put(result)
             return True
+        worker.results.close()
+        if message == _DONE:
+            reason = ""
+        elif isinstance(message, tuple):
+            reason = f"worker process failed: {_last_line(message[1])}"
+        else:
+            worker.process.join(timeout=5)
+            reason = f"worker process died (exit code {worker.process.exitcode})"
         with self.room:
             worker.live = False
             lost = list(worker.pending.values())
             worker.pending.clear()
+            if reason:
+                self.last_failure = reason
             self.room.notify_all()
-        worker.results.close()
-        if isinstance(message, tuple):
-            self.inbox.put(DownloaderError(f"hybrid worker failed:\n{message[1]}"))
-        elif message != _DONE:
-            worker.process.join(timeout=5)
-            for job in lost:
-                self.inbox.put(_lost(job, worker.process.exitcode))
+        for job in lost:
+            self.inbox.put(_lost(job, reason or "worker process ended early"))
         return False
 
 
-def _send(worker: _Worker, message: Any) -> None:
-    with contextlib.suppress(OSError):
-        worker.jobs.send(message)
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else "unknown error"
 
 
-def _lost(job: Job, code: int | None) -> Result:
+def _lost(job: Job, reason: str) -> Result:
     return Result(
         index=job.index,
         url=job.url,
         status="failed",
         attempts=0,
         elapsed_ms=0.0,
-        error=f"worker process died (exit code {code}) before finishing this image",
+        error=f"{reason} before finishing this image",
     )
 
 
