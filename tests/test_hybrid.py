@@ -23,6 +23,7 @@ from test_robustness import (
 
 from downloader.backends.hybrid import worker_count, worker_settings
 from downloader.backends.pools import cpu_count
+from downloader.errors import DownloaderError
 from downloader.pipeline import run
 from downloader.result import Result
 from downloader.server import make_app, server_thread
@@ -56,8 +57,9 @@ def test_worker_count(workers: int, concurrency: int, per_host: int, expected: i
 class KillOneWorker:
     """An Observer that SIGKILLs one hybrid worker when the ``at``-th result arrives."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, every: bool = False) -> None:
         self.at = at
+        self.every = every
         self.seen = 0
         self.victim: int | None = None
 
@@ -70,9 +72,10 @@ class KillOneWorker:
             children = multiprocessing.active_children()
             workers = [p for p in children if p.name == "downloader-hybrid"]
             assert len(workers) == 2, workers
-            self.victim = workers[0].pid
-            assert self.victim is not None
-            os.kill(self.victim, signal.SIGKILL)
+            for worker in workers if self.every else workers[:1]:
+                assert worker.pid is not None
+                self.victim = worker.pid
+                os.kill(worker.pid, signal.SIGKILL)
 
 
 def test_a_dead_worker_fails_only_its_own_images(tmp_path: Path) -> None:
@@ -93,6 +96,26 @@ def test_a_dead_worker_fails_only_its_own_images(tmp_path: Path) -> None:
     assert 1 <= len(lost) <= 4, lost
     assert all("worker process died" in line["error"] for line in lost)
     assert report.ok == count - len(lost)
+    for line in lines:
+        if line["status"] == "ok":
+            assert (out / line["path"]).is_file()
+
+
+def test_when_every_worker_dies_the_run_fails_after_recording_what_it_can(
+    tmp_path: Path,
+) -> None:
+    count = 60
+    out = tmp_path / "pic"
+    with server_thread(make_app(ServerSettings(seed=3, latency_ms=40))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}"
+        with pytest.raises(DownloaderError, match="every hybrid worker process failed"):
+            run(make_settings("hybrid", out, url, count), KillOneWorker(at=6, every=True))
+
+    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    indices = [line["index"] for line in lines]
+    assert len(indices) == len(set(indices)) < count  # no image twice; the rest not tried
+    lost = [line for line in lines if line["status"] == "failed"]
+    assert lost and all("worker process died" in line["error"] for line in lost)
     for line in lines:
         if line["status"] == "ok":
             assert (out / line["path"]).is_file()

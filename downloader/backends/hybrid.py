@@ -208,7 +208,7 @@ class HybridBackend:
                 worker.jobs.close()
         if run.feed_error is not None:
             raise run.feed_error
-        if run.starved:
+        if not run.fed_all:  # every worker is gone, and jobs are left
             raise DownloaderError(
                 f"every hybrid worker process failed; the last: {run.last_failure}"
             )
@@ -244,7 +244,7 @@ class _Run:
         self.stopping = False
         self.inbox: queue.SimpleQueue[Result | _End] = queue.SimpleQueue()
         self.feed_error: BaseException | None = None
-        self.starved = False  # every worker failed before the jobs ran out
+        self.fed_all = False  # every job was handed out (set before the workers hear so)
         self.last_failure = ""
 
     def emit_all(self, emit: Emit) -> None:
@@ -273,6 +273,7 @@ class _Run:
                     worker.credit -= 1
                     worker.pending[job.index] = job
                 worker.send([job])
+            self.fed_all = True
         except BaseException as exc:  # a broken job stream: the run reports it
             self.feed_error = exc
         finally:
@@ -283,7 +284,6 @@ class _Run:
         while not self.stopping:
             live = [w for w in self.workers if w.live]
             if not live:
-                self.starved = True
                 return None
             best = max(live, key=lambda w: w.credit)
             if best.credit > 0:
