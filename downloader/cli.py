@@ -228,7 +228,8 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
 @click.version_option(package_name="downloader")
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> int:
-    """Download images in parallel (sync, threads, asyncio or processes) with thumbnails.
+    """Download images in parallel (sync, threads, asyncio, processes, hybrid or dask) with
+    thumbnails.
 
     Images go to OUT, thumbnails to OUT/thumbnails, one JSON line per image to
     OUT/manifest.jsonl. Settings come from config/default.toml < --config FILE <
