@@ -2,7 +2,8 @@
 ``Retry-After`` imposes on every request to that host, not just the one that got it.
 
 One ``HostGate`` is shared by all requests of a process (threads and tasks alike). The
-processes backend has one per worker, so it divides the rate among them.
+processes and hybrid backends have one per worker, so they divide the rate among them;
+hybrid workers also pass each pause they hear on to the others, through the parent.
 """
 
 from __future__ import annotations

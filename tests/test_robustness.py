@@ -688,7 +688,7 @@ class Throttler:
         return app
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "threads"])
+@pytest.mark.parametrize("backend", ["asyncio", "threads", "hybrid"])
 def test_429_pauses_every_request_to_the_host(backend: str, tmp_path: Path) -> None:
     concurrency, count = 4, 10
     throttler = Throttler()

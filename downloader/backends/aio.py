@@ -146,10 +146,12 @@ async def run_jobs(
     *,
     threaded_feed: bool = False,
     write: AsyncWrite | None = None,
+    gate: HostGate | None = None,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
     jobs from a bounded queue. Thumbnails run in ``pool`` (None: on the loop itself).
-    ``threaded_feed``: ``jobs`` may block (stdin, a pipe), so read it on a thread."""
+    ``threaded_feed``: ``jobs`` may block (stdin, a pipe), so read it on a thread.
+    ``gate``: the politeness gate (default: one for this run, at ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -160,7 +162,7 @@ async def run_jobs(
             return stage(data)
         return await loop.run_in_executor(pool, stage, data)
 
-    gate = HostGate(settings.http.rate)
+    gate = gate or HostGate(settings.http.rate)
     async with new_client(settings) as session:
 
         async def worker() -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterable
 from multiprocessing.connection import Connection, wait
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..errors import DownloaderError
 from ..jobs import Job
+from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..storage import write_files
@@ -36,6 +38,7 @@ from .base import Emit
 from .pools import PRELOAD, child_init, cpu_count, mp_context, start_forkserver
 
 _STOP = "stop"  # parent -> worker: Ctrl-C, cancel what is in flight
+_PAUSE = "pause"  # both ways: ("pause", host, until), a host asked for a pause
 _DONE = "done"  # worker -> parent: every result sent; the worker exits
 _BATCH = 32  # results per message at most; fewer after _FLUSH_S
 _FLUSH_S = 0.005
@@ -88,6 +91,23 @@ def _serve(jobs_in: Connection, results_out: Connection, settings: Settings, par
         os._exit(1)
 
 
+class _SharedGate(HostGate):
+    """A worker's gate: a pause one worker hears (429, Retry-After) is passed, through
+    the parent, to every other worker, so all of them leave the host alone."""
+
+    def __init__(self, rate: float, tell: Any) -> None:
+        super().__init__(rate)
+        self._tell = tell
+
+    def pause(self, host: str, seconds: float) -> None:
+        super().pause(host, seconds)
+        self._tell((_PAUSE, host, time.monotonic() + seconds))  # CLOCK_MONOTONIC: machine-wide
+
+    def heard(self, host: str, until: float) -> None:
+        """A sibling's pause: held here too, and not passed on again."""
+        super().pause(host, until - time.monotonic())
+
+
 async def _write_inline(files: list[tuple[Path, bytes]]) -> None:
     # On this worker's own core, a 50 KB write to the page cache costs less than the
     # thread hop aiofiles would take. It has no await, so a cancel can never land between
@@ -102,13 +122,18 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
     task = asyncio.current_task()
     batch: list[Result] = []
 
+    def tell(message: Any) -> None:
+        try:
+            results_out.send(message)
+        except _PARENT_GONE:  # killed: nobody to report to, nothing to say on a terminal
+            os._exit(0)
+
     def flush() -> None:
         if batch:
-            try:
-                results_out.send(batch.copy())
-            except _PARENT_GONE:  # killed: nobody to report to, nothing to say on a terminal
-                os._exit(0)
+            tell(batch.copy())
             batch.clear()
+
+    gate = _SharedGate(settings.http.rate, tell)
 
     def emit(result: Result) -> None:
         batch.append(result)
@@ -132,7 +157,10 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
                 if task is not None:
                     task.cancel()
                 return
-            arrived.put_nowait(message)
+            if isinstance(message, tuple):
+                gate.heard(message[1], message[2])
+            else:
+                arrived.put_nowait(message)
             if not jobs_in.poll():
                 return
 
@@ -146,7 +174,7 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
     try:
         # Stopped by the parent: what finished is sent below; the rest never ran.
         with contextlib.suppress(asyncio.CancelledError):
-            await run_jobs(jobs(), settings, emit, None, write=_write_inline)
+            await run_jobs(jobs(), settings, emit, None, write=_write_inline, gate=gate)
     finally:
         flush()  # whatever happened, the images already written are reported
     results_out.send(_DONE)
@@ -191,6 +219,7 @@ class HybridBackend:
             threading.Thread(target=run.receive, daemon=True, name="hybrid-results").start()
             receiving = True
             threading.Thread(target=run.feed, args=(jobs,), daemon=True, name="hybrid-jobs").start()
+            threading.Thread(target=run.relay, daemon=True, name="hybrid-pauses").start()
             run.emit_all(emit)  # only this thread emits, and it waits on nothing else
         except KeyboardInterrupt:
             run.stop()
@@ -200,6 +229,7 @@ class HybridBackend:
             raise
         finally:
             run.stop()
+            run.pauses.put(None)
             for worker in workers:
                 worker.process.join(timeout=5)
                 if worker.process.is_alive():
@@ -243,6 +273,9 @@ class _Run:
         self.room = threading.Condition()
         self.stopping = False
         self.inbox: queue.SimpleQueue[Result | _End] = queue.SimpleQueue()
+        # Host pauses heard by one worker, for the others; sent by a thread of their own,
+        # so the receiver never waits on a worker's full pipe.
+        self.pauses: queue.SimpleQueue[tuple[_Worker, Any] | None] = queue.SimpleQueue()
         self.feed_error: BaseException | None = None
         self.fed_all = False  # every job was handed out (set before the workers hear so)
         self.last_failure = ""
@@ -280,6 +313,14 @@ class _Run:
             for worker in self.workers:
                 worker.send(None)  # no more jobs: finish what you hold and say done
 
+    def relay(self) -> None:
+        while (item := self.pauses.get()) is not None:
+            source, message = item
+            with self.room:
+                others = [w for w in self.workers if w.live and w is not source]
+            for worker in others:
+                worker.send(message)
+
     def _roomiest(self) -> _Worker | None:
         while not self.stopping:
             live = [w for w in self.workers if w.live]
@@ -316,6 +357,9 @@ class _Run:
                 self.room.notify_all()
             for result in message:
                 self.inbox.put(result)
+            return True
+        if isinstance(message, tuple) and message[0] == _PAUSE:
+            self.pauses.put((worker, message))
             return True
         worker.results.close()
         if message == _DONE:
