@@ -103,6 +103,8 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
                     if observer is not None:
                         observer.result(result)
 
+            emit.held = interrupts.held  # type: ignore[attr-defined]  # see holding_interrupts
+
             usage = _Usage()
             try:
                 with interrupts.installed():

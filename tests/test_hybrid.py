@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from test_robustness import (
     wait_until,
 )
 
-from downloader.backends.hybrid import worker_count, worker_settings
+from downloader.backends.hybrid import _End, _Run, worker_count, worker_settings
 from downloader.backends.pools import cpu_count
 from downloader.errors import DownloaderError
 from downloader.pipeline import run
@@ -193,3 +195,30 @@ def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
             assert proc.stderr is not None
             stderr = proc.stderr.read()  # every writer is gone: this reaches EOF
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_result_is_taken_and_recorded_under_one_interrupt_hold() -> None:
+    """The parent takes each result off its queue inside the pipeline's hold, so a Ctrl-C
+    landing between the take and the record waits instead of dropping the result."""
+    run = _Run([])
+    for index in range(3):
+        run.inbox.put(Result(index=index, url=f"http://h/{index}", status="ok"))
+    run.inbox.put(_End())
+    depth = 0
+    seen: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        nonlocal depth
+        depth += 1
+        try:
+            yield
+        finally:
+            depth -= 1
+
+    def emit(result: Result) -> None:
+        seen.append((result.index, depth))
+
+    emit.held = held  # type: ignore[attr-defined]  # as the pipeline's emit carries it
+    run.emit_all(emit)
+    assert seen == [(0, 1), (1, 1), (2, 1)]

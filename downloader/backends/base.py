@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..jobs import Job
 from ..result import Result
 from ..settings import Settings
 
 Emit = Callable[[Result], None]
+
+
+def holding_interrupts(emit: Emit) -> contextlib.AbstractContextManager[Any]:
+    """A scope in which Ctrl-C waits, if ``emit`` is the pipeline's (it carries ``held``).
+
+    ``emit`` itself holds a Ctrl-C until the result is recorded. A backend that takes a
+    result off a queue just before emitting it wraps both in this scope, so a Ctrl-C that
+    lands between the two cannot drop a result whose files are on disk.
+    """
+    held = getattr(emit, "held", None)
+    return held() if held is not None else contextlib.nullcontext()
 
 
 class Backend(Protocol):

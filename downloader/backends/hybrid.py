@@ -34,7 +34,7 @@ from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..storage import write_files
-from .base import Emit
+from .base import Emit, holding_interrupts
 from .pools import PRELOAD, child_init, cpu_count, mp_context, start_forkserver
 
 _STOP = "stop"  # parent -> worker: Ctrl-C, cancel what is in flight
@@ -42,6 +42,7 @@ _PAUSE = "pause"  # both ways: ("pause", host, until), a host asked for a pause
 _DONE = "done"  # worker -> parent: every result sent; the worker exits
 _BATCH = 32  # results per message at most; fewer after _FLUSH_S
 _FLUSH_S = 0.005
+_WAKE_S = 0.1  # how long a Ctrl-C may wait while the parent waits for results
 # Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")
 _PARENT_GONE = (BrokenPipeError, ConnectionResetError, EOFError)
@@ -281,8 +282,17 @@ class _Run:
         self.last_failure = ""
 
     def emit_all(self, emit: Emit) -> None:
-        while not isinstance(item := self.inbox.get(), _End):
-            emit(item)
+        while True:
+            # A Ctrl-C between taking a result and recording it would drop it: it waits
+            # (at most _WAKE_S while the queue is empty) and lands once the result is in.
+            with holding_interrupts(emit):
+                try:
+                    item = self.inbox.get(timeout=_WAKE_S)
+                except queue.Empty:
+                    continue
+                if isinstance(item, _End):
+                    return
+                emit(item)
 
     def stop(self) -> None:
         """Ctrl-C: no more jobs go out, and the workers cancel what they hold."""
