@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from ..errors import DownloaderError
+from ..errors import DownloaderError, FetchError
 from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
@@ -397,14 +397,10 @@ def _last_line(text: str) -> str:
 
 
 def _lost(job: Job, reason: str) -> Result:
-    return Result(
-        index=job.index,
-        url=job.url,
-        status="failed",
-        attempts=0,
-        elapsed_ms=0.0,
-        error=f"{reason} before finishing this image",
-    )
+    # Imported here: the parent has no other use for the per-job steps (or for Pillow).
+    from ..work import failure
+
+    return failure(job, FetchError(f"{reason} before finishing this image"), time.perf_counter(), 0)
 
 
 def _quiet(emit: Emit) -> Emit:
