@@ -135,7 +135,7 @@ async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
         ThreadPoolExecutor(2, thread_name_prefix="writer")
     )
     with cpu_executor(settings.thumbnails) as pool:
-        await run_jobs(jobs, settings, emit, pool, threaded_feed=settings.urls == "-")
+        await run_jobs(jobs, settings, emit, pool)
 
 
 async def run_jobs(
@@ -144,13 +144,11 @@ async def run_jobs(
     emit: Emit,
     pool: concurrent.futures.Executor | None,
     *,
-    threaded_feed: bool = False,
     write: AsyncWrite | None = None,
     gate: HostGate | None = None,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
     jobs from a bounded queue. Thumbnails run in ``pool`` (None: on the loop itself).
-    ``threaded_feed``: ``jobs`` may block (stdin, a pipe), so read it on a thread.
     ``gate``: the politeness gate (default: one for this run, at ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
@@ -173,7 +171,7 @@ async def run_jobs(
             if isinstance(jobs, AsyncIterable):
                 async for job in jobs:
                     await queue.put(job)
-            elif threaded_feed:
+            elif settings.urls == "-":  # stdin may block: read it on a thread
                 await _feed_from_thread(jobs, queue)
             else:
                 for job in jobs:
