@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ImageServer, make_settings
 from test_robustness import (
+    _cli_args,
     alive,
     complete_lines,
     descendants,
@@ -138,21 +139,14 @@ def test_results_match_the_asyncio_backend(image_server: ImageServer, tmp_path: 
     assert manifests["asyncio"] == manifests["hybrid"]
 
 
-def _args(server_url: str, out: Path, count: int, concurrency: int) -> list[str]:
-    return [
-        "--backend", "hybrid", "-n", str(count), "--concurrency", str(concurrency),
-        "--url", server_url, "--out", str(out), "-q",
-    ]  # fmt: skip
-
-
 def test_ctrl_c_stops_downloads_in_flight_after_the_last_job_went_out(tmp_path: Path) -> None:
     """With -n <= 2 x concurrency every job is handed out at once, and the workers are
     told "no more jobs" at once: a Ctrl-C must still cancel what they hold, not wait for
     the server's 60 s."""
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=2, latency_ms=60_000))) as server:
-        url = server.base_url + "/{width}/{height}?lock={i}"
-        with launched(_args(url, out, 4, 4), tmp_path) as proc:
+        args = _cli_args("hybrid", server, out, 4)
+        with launched(args, tmp_path) as proc:
             wait_until(lambda: sum(stats(server).values()) >= 4, "4 requests in flight", proc)
             os.kill(proc.pid, signal.SIGINT)
             try:
@@ -170,8 +164,8 @@ def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
     out = tmp_path / "pic"
     count = 300
     with server_thread(make_app(ServerSettings(seed=4))) as server:
-        url = server.base_url + "/{width}/{height}?lock={i}&pad=" + "x" * 1500
-        with launched(_args(url, out, count, 64), tmp_path) as proc:
+        args = _cli_args("hybrid", server, out, count, 64, query="&pad=" + "x" * 1500)
+        with launched(args, tmp_path) as proc:
             try:
                 stdout, stderr = proc.communicate(timeout=120)
             except subprocess.TimeoutExpired:
@@ -185,8 +179,8 @@ def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
 def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
-        url = server.base_url + "/{width}/{height}?lock={i}"
-        with launched(_args(url, out, 400, 8), tmp_path) as proc:
+        args = _cli_args("hybrid", server, out, 400, 8)
+        with launched(args, tmp_path) as proc:
             wait_until(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc)
             tree = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)

@@ -298,10 +298,17 @@ def test_every_image_survives_injected_faults(backend: str, tmp_path: Path) -> N
 # ---------------------------------------------------------------------------- 2. kill -9
 
 
-def _cli_args(backend: str, server: RunningServer, out: Path, count: int) -> list[str]:
-    url = server.base_url + "/{width}/{height}?lock={i}"
+def _cli_args(
+    backend: str,
+    server: RunningServer,
+    out: Path,
+    count: int,
+    concurrency: int = 4,
+    query: str = "",
+) -> list[str]:
+    url = server.base_url + "/{width}/{height}?lock={i}" + query
     return [
-        "--backend", backend, "-n", str(count), "--concurrency", "4",
+        "--backend", backend, "-n", str(count), "--concurrency", str(concurrency),
         "--url", url, "--out", str(out), "-q",
     ]  # fmt: skip
 
