@@ -155,6 +155,13 @@ def test_default_toml_knows_every_key() -> None:
     assert set(flatten(tomllib.loads(default_config_text()), "default.toml")) == set(known_keys())
 
 
+def test_config_default_toml_is_the_packaged_one() -> None:
+    """config/default.toml (what a reader of the checkout sees) and the packaged defaults
+    are one text: a key changed in one and not the other fails here."""
+    shipped = Path(__file__).resolve().parents[1] / "config" / "default.toml"
+    assert shipped.read_text(encoding="utf-8") == default_config_text()
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
