@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .photos import clean_keywords
 from .settings import Settings, build, coerce, flatten
 
 # Presets for the classic question. io: slow network, small images, many connections.
@@ -128,8 +130,11 @@ def run_one(settings: Settings, repeat: int) -> Run:
 def warm_server(base_url: str, settings: Settings) -> None:
     """Render every photo of the pool once, so the first backend measured does not pay
     for the server's cache."""
+    keywords = clean_keywords(settings.keywords)
+    query = "?" + urllib.parse.urlencode({"keywords": keywords}) if keywords else ""
+    tone = "g" if settings.gray else "c"
     for photo in range(settings.server.pool_size):
-        name = f"{photo}_c_{settings.width}_{settings.height}_nofilter.jpg"
+        name = f"{photo}_{tone}_{settings.width}_{settings.height}_nofilter.jpg{query}"
         with urllib.request.urlopen(f"{base_url}/cache/resized/{name}", timeout=60) as resp:
             resp.read()
 

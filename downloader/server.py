@@ -3,9 +3,10 @@
 URL forms, as on loremflickr.com: ``/{w}/{h}``, ``/{w}/{h}/{keywords}``,
 ``/{w}/{h}/{keywords}/all|any``, ``/g/...`` for grayscale, ``?lock=N`` for a fixed photo.
 Each answers with a 302 to ``/cache/resized/<id>_{w}_{h}_nofilter.jpg``, which serves a real
-JPEG. Photos are generated once from the seed and cached; their entropy is tuned so sizes
-look like photos (~55 KB at 640x480). Simulated latency applies once per image, to the
-first request, so the ideal wall time of n images is n x latency / concurrency.
+JPEG: a numbered scene with the keywords written on it (``photos.render_photo``), generated
+once and cached (the keywords ride along in the redirect's query). Simulated latency applies
+once per image, to the first request, so the ideal wall time of n images is
+n x latency / concurrency.
 
 Fault injection (``ServerSettings.*_rate``) breaks a reproducible share of entry requests:
 which fault a URL gets depends only on the seed and its path and query (``choose_fault``).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import random
 import re
@@ -26,12 +26,13 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from .errors import ConfigError
+from .photos import clean_keywords, render_photo
 from .settings import ServerSettings
 
 MAX_SIDE = 4000
@@ -194,26 +195,6 @@ async def _on_shutdown(app: web.Application) -> None:
 # ---------------------------------------------------------------------------- routes
 
 
-@lru_cache(maxsize=256)
-def render_photo(width: int, height: int, photo: int, seed: int, gray: bool = False) -> bytes:
-    """A deterministic JPEG with photo-like entropy: smooth colour fields plus fine grain."""
-    from PIL import Image, ImageChops
-
-    rng = random.Random(f"{seed}:{photo}:{width}x{height}")
-    cell, grain = 20, 7
-    sw, sh = max(2, width // cell), max(2, height // cell)
-    base = Image.frombytes("RGB", (sw, sh), rng.randbytes(sw * sh * 3))
-    base = base.resize((width, height), Image.Resampling.BICUBIC)
-    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height))
-    noise = noise.point(lambda v: 128 - grain // 2 + v * grain // 256).convert("RGB")
-    img = ImageChops.add(base, noise, scale=1.0, offset=-128)
-    if gray:
-        img = img.convert("L")
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=85)
-    return out.getvalue()
-
-
 def _size(request: web.Request) -> tuple[int, int]:
     try:
         width, height = int(request.match_info["w"]), int(request.match_info["h"])
@@ -243,6 +224,7 @@ async def entry(request: web.Request) -> web.StreamResponse:
     else:
         photo = app[RNG].randrange(cfg.pool_size)
     tone = "g" if request.path.startswith("/g/") else "c"
+    keywords = clean_keywords(request.match_info.get("rest", "").split("/", 1)[0])
     await _latency(app)
     fault = app[FAULTS].pick(cfg, request.path_qs)
     if fault is not None:
@@ -251,9 +233,10 @@ async def entry(request: web.Request) -> web.StreamResponse:
         app[STATS].hit("stall:abandoned")
         raise web.HTTPServiceUnavailable(text="stalled request abandoned")
     if fault is not None and fault != "stall":
-        photo_body = render_photo(width, height, photo, cfg.seed, tone == "g")
+        photo_body = render_photo(width, height, photo, cfg.seed, tone == "g", keywords)
         return await _faulty(request, fault, photo_body)
-    raise web.HTTPFound(f"/cache/resized/{photo}_{tone}_{width}_{height}_nofilter.jpg")
+    query = "?" + urlencode({"keywords": keywords}) if keywords else ""
+    raise web.HTTPFound(f"/cache/resized/{photo}_{tone}_{width}_{height}_nofilter.jpg{query}")
 
 
 async def cached(request: web.Request) -> web.StreamResponse:
@@ -266,7 +249,8 @@ async def cached(request: web.Request) -> web.StreamResponse:
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise web.HTTPNotFound(text="no such image")
     photo = int(match["photo"]) % app[CONFIG].pool_size
-    body = render_photo(width, height, photo, app[CONFIG].seed, match["tone"] == "g")
+    keywords = clean_keywords(request.query.get("keywords", ""))
+    body = render_photo(width, height, photo, app[CONFIG].seed, match["tone"] == "g", keywords)
     return web.Response(body=body, content_type="image/jpeg")
 
 
