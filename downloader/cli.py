@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from .errors import ConfigError, DownloaderError, StorageError
-from .settings import BACKENDS, Settings, load_settings
+from .settings import BACKENDS, Declared, Settings, declared, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -55,81 +55,63 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return width, height
 
 
-def _rate(value: str | None) -> float | None:
-    if value is None:
-        return None
-    text = value.strip().lower().removesuffix("/s")
-    try:
-        return float(text)
-    except ValueError:
-        raise click.BadParameter(f"expected requests per second like 10/s, got {value!r}") from None
-
-
-FAULTS = {
-    "fail": "answer 503 with Retry-After",
-    "throttle": "answer 429 with Retry-After",
-    "reset": "drop the connection mid-body",
-    "truncate": "send a Content-Length larger than the body",
-    "stall": "send nothing for server.stall_s seconds",
-    "slow": "trickle the body over server.slow_ms milliseconds",
-    "corrupt": "send image/jpeg with a garbage body (on every attempt)",
-}
-SERVER_KNOBS = ("latency_ms", "jitter_ms", *(f"{name}_rate" for name in FAULTS))
-
-
-def server_options(prefix: str) -> Callable[[F], F]:
-    """The built-in server's latency and fault knobs, for `serve` and for `--local`."""
+def setting_options(command: str, prefix: str = "") -> Callable[[F], F]:
+    """The click options of ``command``, made from the settings' declarations: flag, type,
+    help and ``[default: ...]`` come from ``settings.setting()``. A flag left out is None,
+    so the config file and the environment below it still count."""
 
     def decorate(func: F) -> F:
-        for name in reversed(FAULTS):
-            func = click.option(
-                f"--{name}-rate",
-                type=float,
-                metavar="P",
-                help=f"{prefix}fraction of images whose first attempt gets: {FAULTS[name]}.",
-            )(func)
-        func = click.option(
-            "--jitter-ms", type=float, help=f"{prefix}random extra latency, 0..MS."
-        )(func)
-        return click.option(
-            "--latency-ms", type=float, help=f"{prefix}simulated latency per image."
-        )(func)
+        for item in reversed(list(declared())):
+            if item.meta.flag is not None and command in item.meta.commands:
+                func = _option(item, prefix if item.key.startswith("server.") else "")(func)
+        return func
 
     return decorate
 
 
-def server_overrides(options: dict[str, Any]) -> dict[str, Any]:
-    return {f"server.{knob}": options.get(knob) for knob in SERVER_KNOBS}
+def _option(item: Declared, prefix: str) -> Callable[[F], F]:
+    meta = item.meta
+    names = [name for name in (meta.short, meta.flag) if name is not None]
+    dest = _dest(item.key)
+    help_text = f"{prefix}{meta.help}"
+    if item.kind is bool:
+        return click.option(
+            *names, dest, is_flag=True, flag_value=meta.flag_value, default=None, help=help_text
+        )
+    shown = meta.default_text if meta.default_text is not None else item.default
+    if isinstance(shown, float):
+        shown = f"{shown:g}"
+    if shown not in ("", None):
+        help_text += f" [default: {shown}]"
+    kind: Any = str
+    if meta.parse is None and item.kind in (int, float):
+        kind = item.kind
+    elif item.kind is Path:
+        kind = click.Path(path_type=Path)
+    return click.option(*names, dest, type=kind, metavar=meta.metavar, default=None, help=help_text)
+
+
+def _dest(key: str) -> str:
+    return key.replace(".", "__")
+
+
+def setting_overrides(command: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``command``'s setting flags as dotted overrides (None: not given)."""
+    overrides: dict[str, Any] = {}
+    for item in declared():
+        value = options.get(_dest(item.key))
+        if item.meta.flag is None or command not in item.meta.commands:
+            continue
+        if value is not None and item.meta.parse is not None:
+            value = item.meta.parse(value)
+        overrides[item.key] = value
+    return overrides
 
 
 def settings_from_options(options: dict[str, Any]) -> Settings:
     """Flags -> dotted overrides -> layered Settings."""
+    overrides = setting_overrides("download", options)
     size = _size(options.pop("size", None))
-    overrides: dict[str, Any] = {
-        "backend": options.get("backend"),
-        "count": options.get("count"),
-        "url": options.get("url"),
-        "out": options.get("out"),
-        "keywords": options.get("keywords"),
-        "urls": options.get("urls"),
-        "match": options.get("match"),
-        "gray": True if options.get("gray") else None,
-        "unique": True if options.get("unique") else None,
-        "name_template": options.get("name_template"),
-        "local": True if options.get("local") else None,
-        "progress": False if options.get("quiet") else None,
-        "http.concurrency": options.get("concurrency"),
-        "workers": options.get("workers"),
-        "http.timeout": options.get("timeout"),
-        "http.retries": options.get("retries"),
-        "http.rate": _rate(options.get("rate")),
-        "resume": True if options.get("resume") else None,
-        "retry_failed": True if options.get("retry_failed") else None,
-        "thumbnails.size": options.get("thumbnail_size"),
-        "dask.scheduler": options.get("scheduler"),
-        "dask.shard_size": options.get("shard_size"),
-        **server_overrides(options),
-    }
     if size is not None:
         overrides["width"], overrides["height"] = size
     return load_settings(options.get("config"), overrides=overrides)
@@ -140,91 +122,14 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.option("-n", "--count", type=int, help="How many images to fetch. [default: 10]")
-@click.option(
-    "--backend",
-    type=str,
-    help=f"Concurrency backend: {', '.join(BACKENDS)}. [default: asyncio, or DOWNLOADER_BACKEND]",
-)
-@click.option(
-    "--url",
-    metavar="TEMPLATE",
-    help="URL template with {i} (0-based index), {width}, {height}, {keywords}. "
-    "[default: https://loremflickr.com/{width}/{height}/{keywords}?lock={i}]",
-)
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder. [default: pic]")
+@setting_options("download", prefix="With --local: ")
 @click.option("--size", metavar="WxH", help="Image size asked of the server. [default: 320x240]")
-@click.option("--keywords", help="Comma-separated keywords for {keywords}, e.g. cat,dog.")
-@click.option(
-    "--match",
-    type=click.Choice(["all", "any"]),
-    help="loremflickr: photos matching all keywords, or any of them.",
-)
-@click.option("--gray", is_flag=True, help="loremflickr: grayscale photos (the /g/ prefix).")
-@click.option(
-    "--urls",
-    metavar="FILE",
-    help="Fetch the URLs in FILE instead of a template: one per line (# comments), or a "
-    "CSV/TSV with a url column; - reads stdin. -n is ignored.",
-)
-@click.option(
-    "--unique",
-    is_flag=True,
-    help="Keep fetching until N images with distinct content are on disk (bounded).",
-)
-@click.option(
-    "--name-template",
-    metavar="T",
-    help="File names, e.g. '{index:05d}-{sha8}{ext}'. Fields: index, stem (remote name), "
-    "sha8, sha256, ext, width, height. [default: '{index:06d}-{stem}{ext}']",
-)
-@click.option(
-    "--concurrency", type=int, help="Downloads in flight (processes: worker count). [default: 32]"
-)
-@click.option(
-    "--workers",
-    type=int,
-    help="hybrid backend: event-loop processes sharing the connections. [default: 1 per core]",
-)
-@click.option(
-    "--timeout", type=float, help="Deadline per request in seconds, body included. [default: 30]"
-)
-@click.option("--retries", type=int, help="Retries on timeouts, resets, 429 and 5xx. [default: 3]")
-@click.option(
-    "--thumbnail-size",
-    type=int,
-    metavar="PX",
-    help="Thumbnail longest side; 0 = off. [default: 128]",
-)
-@click.option(
-    "--scheduler",
-    metavar="URL",
-    help="dask backend: scheduler address, tcp://HOST:8786 (default: a LocalCluster). "
-    "OUT must be on a file system every worker can write.",
-)
-@click.option("--shard-size", type=int, help="dask backend: jobs per shard. [default: 100]")
-@click.option(
-    "--rate",
-    metavar="N/s",
-    help="At most N requests per second to each host, e.g. 10/s. [default: no limit]",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Keep images the manifest records as ok (file intact, same sha256); fetch the rest.",
-)
-@click.option(
-    "--retry-failed", is_flag=True, help="Re-run only the images the manifest records as failed."
-)
 @click.option(
     "--config",
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML file layered over the defaults (same keys as config/default.toml).",
 )
-@click.option("--local", is_flag=True, help="Fetch from the built-in server (no internet needed).")
-@server_options("With --local: ")
 @click.option("-v", "--verbose", count=True, help="Print every failure as it happens.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.version_option(package_name="downloader")
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> int:
@@ -267,25 +172,14 @@ def _download(settings: Settings, verbose: int) -> int:
 
 
 @main.command()
-@click.option("--host", default=None, help="Address to listen on. [default: 127.0.0.1]")
-@click.option("--port", type=int, default=None, help="Port; 0 = any free port. [default: 8080]")
-@server_options("Built-in server: ")
-@click.option("--seed", type=int, default=None, help="Seed for photos and faults. [default: 0]")
-@click.option("--pool-size", type=int, default=None, help="Distinct photos per size. [default: 40]")
+@setting_options("serve", prefix="Built-in server: ")
 @click.pass_context
 def serve(ctx: click.Context, /, **options: Any) -> int:
     """Run the built-in loremflickr-compatible image server."""
     from .server import serve as run_server
 
     parent = ctx.obj or {}
-    overrides = {
-        **server_overrides(options),
-        "server.host": options["host"],
-        "server.port": options["port"],
-        "server.seed": options["seed"],
-        "server.pool_size": options["pool_size"],
-    }
-    settings = load_settings(parent.get("config"), overrides=overrides)
+    settings = load_settings(parent.get("config"), overrides=setting_overrides("serve", options))
     config = settings.server
 
     def ready(port: int) -> None:

@@ -57,7 +57,6 @@ RNG: web.AppKey[random.Random] = web.AppKey("rng", random.Random)
 
 # ---------------------------------------------------------------------------- fault injection
 
-FAULT_KINDS = ("fail", "throttle", "reset", "truncate", "stall", "slow", "corrupt")
 PERSISTENT_FAULTS = frozenset({"corrupt"})
 JPEG_MAGIC = b"\xff\xd8\xff\xe0"
 _POLL_S = 0.05  # how often a stalled handler checks whether its client is still there
@@ -65,23 +64,10 @@ _SLOW_PIECES = 20  # a slow body is sent in this many pieces, evenly spaced over
 _TRUNCATE_EXTRA = 1024  # bytes a truncated body declares beyond what it sends
 
 
-def fault_rates(config: ServerSettings) -> tuple[tuple[str, float], ...]:
-    """Each fault kind with its rate, in the fixed order ``choose_fault`` stacks them."""
-    return (
-        ("fail", config.fail_rate),
-        ("throttle", config.throttle_rate),
-        ("reset", config.reset_rate),
-        ("truncate", config.truncate_rate),
-        ("stall", config.stall_rate),
-        ("slow", config.slow_rate),
-        ("corrupt", config.corrupt_rate),
-    )
-
-
 def choose_fault(config: ServerSettings, key: str) -> str | None:
     """The fault for ``key`` (a request's path and query), or None: one draw seeded with
     ``(seed, key)`` against the cumulative rates, so it is the same on every run."""
-    rates = fault_rates(config)
+    rates = config.fault_rates()
     if not any(rate > 0 for _, rate in rates):
         return None
     draw = random.Random(f"{config.seed}:{key}").random()

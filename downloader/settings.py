@@ -1,9 +1,13 @@
 """Settings: frozen dataclasses, layered defaults <- config file <- DOWNLOADER_* env <- flags.
 
-Every key has a dotted name (``count``, ``http.timeout``, ``thumbnails.size``) used the
-same way in the TOML file (``[http] timeout = 30``), in the environment
-(``DOWNLOADER_HTTP_TIMEOUT=30``) and by the CLI. Unknown keys and wrong types are a
-``ConfigError`` with a one-line message, never a silent default.
+Each setting is declared once, as a dataclass field made by ``setting()``: its type (the
+annotation; enumerations are ``Literal``), its default, its bounds, its help text and its
+command-line flag. Everything else is derived from that declaration: the dotted key
+(``count``, ``http.timeout``) used the same way in the TOML file (``[http] timeout = 30``)
+and in the environment (``DOWNLOADER_HTTP_TIMEOUT=30``), the validation (one-line
+``ConfigError``s, never a silent default), and the click options with their
+``[default: ...]`` help (``cli_options``). Adding a setting is one ``setting()`` line plus
+its line in ``default.toml`` and the README.
 """
 
 from __future__ import annotations
@@ -13,147 +17,249 @@ import functools
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from .backends import BACKENDS as BACKENDS
+from .backends import BackendName
+from .declare import Checked, Setting, check, hints, kind_name, meta_of, setting
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-BACKENDS = ("sync", "threads", "asyncio", "processes", "hybrid", "dask")
-THUMBNAIL_EXECUTORS = ("process", "thread", "inline")
+ThumbnailExecutor = Literal["process", "thread", "inline"]
+Match = Literal["", "all", "any"]
+EventLoop = Literal["auto", "asyncio"]
+
+# The built-in server's fault kinds, in the order their rates are stacked: each is a
+# ``server.<kind>_rate`` setting, a ``--<kind>-rate`` flag and a behaviour of the server.
+FAULTS: dict[str, str] = {
+    "fail": "answer 503 with Retry-After",
+    "throttle": "answer 429 with Retry-After",
+    "reset": "drop the connection mid-body",
+    "truncate": "send a Content-Length larger than the body",
+    "stall": "send nothing for server.stall_s seconds",
+    "slow": "trickle the body over server.slow_ms milliseconds",
+    "corrupt": "send image/jpeg with a garbage body (on every attempt)",
+}
+
+
+def parse_rate(text: str) -> float:
+    """``"10/s"`` or ``"10"`` -> 10.0 requests per second."""
+    try:
+        return float(text.strip().lower().removesuffix("/s"))
+    except ValueError:
+        raise ConfigError(f"expected requests per second like 10/s, got {text!r}") from None
 
 
 @dataclass(frozen=True)
-class HttpSettings:
-    concurrency: int = 32
-    per_host: int = 0  # 0 = same as concurrency
-    timeout: float = 30.0
-    retries: int = 3
-    backoff: float = 0.5
-    max_backoff: float = 30.0
-    max_bytes: int = 20 * 1024 * 1024
-    max_redirects: int = 10
-    rate: float = 0.0  # requests per second per host; 0 = no limit
-    user_agent: str = "downloader/0.1 (+https://github.com/)"
+class HttpSettings(Checked):
+    section = "http."
 
-    def __post_init__(self) -> None:
-        _check(self.concurrency >= 1, "http.concurrency must be at least 1")
-        _check(self.per_host >= 0, "http.per_host must be 0 (no cap) or more")
-        _check(0 < self.timeout <= 86400, "http.timeout must be a number of seconds, at most 86400")
-        _check(self.retries >= 0, "http.retries must be 0 or more")
-        _check(0 <= self.backoff <= 3600, "http.backoff must be 0 to 3600 seconds")
-        _check(0 <= self.max_backoff <= 3600, "http.max_backoff must be 0 to 3600 seconds")
-        _check(self.max_bytes >= 1, "http.max_bytes must be at least 1")
-        _check(self.max_redirects >= 0, "http.max_redirects must be 0 or more")
-        _check(
+    concurrency: int = setting(
+        32, "Downloads in flight (processes: worker count).", flag="--concurrency", low=1
+    )
+    per_host: int = setting(
+        0, "Connections per host for asyncio and hybrid (0 = same as concurrency).", low=0
+    )
+    timeout: float = setting(
+        30.0,
+        "Deadline per request in seconds, redirects and body included.",
+        flag="--timeout",
+        positive=True,
+        high=86400,
+    )
+    retries: int = setting(3, "Retries on timeouts, resets, 429 and 5xx.", flag="--retries", low=0)
+    backoff: float = setting(0.5, "First backoff wait in seconds (full jitter).", low=0, high=3600)
+    max_backoff: float = setting(30.0, "Longest backoff wait in seconds.", low=0, high=3600)
+    max_bytes: int = setting(20 * 1024 * 1024, "Largest body accepted, in bytes.", low=1)
+    max_redirects: int = setting(10, "Redirects followed before giving up.", low=0)
+    rate: float = setting(
+        0.0,
+        "At most N requests per second to each host, e.g. 10/s.",
+        flag="--rate",
+        metavar="N/s",
+        parse=parse_rate,
+        default_text="no limit",
+    )
+    user_agent: str = setting("downloader/0.1 (+https://github.com/)", "User-Agent header.")
+
+    def check(self) -> None:
+        check(
             self.rate == 0 or 0.001 <= self.rate <= 1e6,
             "http.rate must be 0 (no limit) or 0.001 to 1000000 requests per second",
         )
 
 
 @dataclass(frozen=True)
-class ThumbnailSettings:
-    size: int = 128  # longest side in pixels; 0 = no thumbnails
-    executor: str = "process"
-    quality: int = 85
+class ThumbnailSettings(Checked):
+    section = "thumbnails."
 
-    def __post_init__(self) -> None:
-        _check(self.size >= 0, "thumbnails.size must be 0 (off) or a positive pixel count")
-        _check(
-            self.executor in THUMBNAIL_EXECUTORS,
-            f"thumbnails.executor must be one of {', '.join(THUMBNAIL_EXECUTORS)}",
-        )
-        _check(1 <= self.quality <= 95, "thumbnails.quality must be between 1 and 95")
+    size: int = setting(
+        128, "Thumbnail longest side; 0 = off.", flag="--thumbnail-size", metavar="PX", low=0
+    )
+    executor: ThumbnailExecutor = setting(
+        "process", "Where asyncio and threads run thumbnails: process, thread or inline."
+    )
+    quality: int = setting(85, "JPEG quality of thumbnails.", low=1, high=95)
+
+
+_BOTH = ("download", "serve")  # server knobs: `serve`, and `download --local`
+
+
+def _fault_rate(kind: str) -> Any:
+    return setting(
+        0.0,
+        f"fraction of images whose first attempt gets: {FAULTS[kind]}.",
+        flag=f"--{kind}-rate",
+        metavar="P",
+        low=0,
+        high=1,
+        commands=_BOTH,
+    )
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(Checked):
     """Knobs of the built-in loremflickr-compatible server (``serve`` and ``--local``)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    seed: int = 0
-    pool_size: int = 40
-    # Fault injection: the share of entry URLs (first request only, except corrupt) that fail.
-    fail_rate: float = 0.0  # 503 with Retry-After
-    throttle_rate: float = 0.0  # 429 with Retry-After
-    reset_rate: float = 0.0  # part of the body, then the connection drops
-    truncate_rate: float = 0.0  # Content-Length over the body, then the connection closes
-    stall_rate: float = 0.0  # nothing at all for stall_s seconds
-    slow_rate: float = 0.0  # the body trickles over about slow_ms milliseconds
-    corrupt_rate: float = 0.0  # JPEG magic bytes then garbage, on every request
-    retry_after: int = 1
-    stall_s: float = 3600.0
-    slow_ms: float = 1000.0
+    section = "server."
 
-    def __post_init__(self) -> None:
-        _check(0 <= self.port <= 65535, "server.port must be between 0 and 65535")
-        _check(self.latency_ms >= 0, "server.latency_ms must be 0 or more")
-        _check(self.jitter_ms >= 0, "server.jitter_ms must be 0 or more")
-        _check(self.pool_size >= 1, "server.pool_size must be at least 1")
-        rates = {
-            "fail_rate": self.fail_rate,
-            "throttle_rate": self.throttle_rate,
-            "reset_rate": self.reset_rate,
-            "truncate_rate": self.truncate_rate,
-            "stall_rate": self.stall_rate,
-            "slow_rate": self.slow_rate,
-            "corrupt_rate": self.corrupt_rate,
-        }
-        for name, rate in rates.items():
-            _check(0 <= rate <= 1, f"server.{name} must be between 0 and 1")
-        _check(
-            sum(rates.values()) <= 1 + 1e-9,
-            f"server fault rates ({' + '.join(rates)}) must add up to at most 1",
+    host: str = setting("127.0.0.1", "Address to listen on.", flag="--host", commands=("serve",))
+    port: int = setting(
+        8080, "Port; 0 = any free port.", flag="--port", low=0, high=65535, commands=("serve",)
+    )
+    latency_ms: float = setting(
+        0.0, "simulated latency per image.", flag="--latency-ms", low=0, commands=_BOTH
+    )
+    jitter_ms: float = setting(
+        0.0, "random extra latency, 0..MS.", flag="--jitter-ms", low=0, commands=_BOTH
+    )
+    seed: int = setting(0, "Seed for photos and faults.", flag="--seed", commands=("serve",))
+    pool_size: int = setting(
+        40, "Distinct photos per size.", flag="--pool-size", low=1, commands=("serve",)
+    )
+    # Fault injection: the share of entry URLs (first request only, except corrupt) that fail.
+    fail_rate: float = _fault_rate("fail")
+    throttle_rate: float = _fault_rate("throttle")
+    reset_rate: float = _fault_rate("reset")
+    truncate_rate: float = _fault_rate("truncate")
+    stall_rate: float = _fault_rate("stall")
+    slow_rate: float = _fault_rate("slow")
+    corrupt_rate: float = _fault_rate("corrupt")
+    retry_after: int = setting(1, "Seconds sent in Retry-After by fail and throttle.", low=0)
+    stall_s: float = setting(3600.0, "How long a stall lasts, in seconds.", low=0)
+    slow_ms: float = setting(1000.0, "How long a slow body takes, in milliseconds.", low=0)
+
+    def check(self) -> None:
+        check(
+            sum(rate for _, rate in self.fault_rates()) <= 1 + 1e-9,
+            f"server fault rates ({' + '.join(f'{k}_rate' for k in FAULTS)}) "
+            "must add up to at most 1",
         )
-        _check(self.retry_after >= 0, "server.retry_after must be 0 or more seconds")
-        _check(self.stall_s >= 0, "server.stall_s must be 0 or more seconds")
-        _check(self.slow_ms >= 0, "server.slow_ms must be 0 or more milliseconds")
+
+    def fault_rates(self) -> tuple[tuple[str, float], ...]:
+        """Each fault kind with its rate, in the order of ``FAULTS``."""
+        return tuple((kind, getattr(self, f"{kind}_rate")) for kind in FAULTS)
 
     def replace_port(self, port: int) -> ServerSettings:
         return dataclasses.replace(self, port=port)
 
 
 @dataclass(frozen=True)
-class DaskSettings:
-    scheduler: str = ""  # "" = start a LocalCluster; else tcp://HOST:8786
-    shard_size: int = 100
-    workers: int = 0  # LocalCluster worker processes; 0 = one per core
+class DaskSettings(Checked):
+    section = "dask."
 
-    def __post_init__(self) -> None:
-        _check(self.shard_size >= 1, "dask.shard_size must be at least 1")
-        _check(self.workers >= 0, "dask.workers must be 0 (one per core) or more")
-        _check(
+    scheduler: str = setting(
+        "",
+        "dask backend: scheduler address, tcp://HOST:8786. "
+        "OUT must be on a file system every worker can write.",
+        flag="--scheduler",
+        metavar="URL",
+        default_text="a LocalCluster",
+    )
+    shard_size: int = setting(100, "dask backend: jobs per shard.", flag="--shard-size", low=1)
+    workers: int = setting(0, "LocalCluster worker processes (0 = one per core).", low=0)
+
+    def check(self) -> None:
+        check(
             not self.scheduler or "://" in self.scheduler,
             "dask.scheduler must look like tcp://HOST:8786",
         )
 
 
 @dataclass(frozen=True)
-class Settings:
-    backend: str = "asyncio"
-    count: int = 10
-    url: str = DEFAULT_URL
-    out: Path = Path("pic")
-    width: int = 320
-    height: int = 240
-    keywords: str = ""
-    local: bool = False
-    progress: bool = True
-    resume: bool = False
-    retry_failed: bool = False
-    urls: str = ""  # a URL list file, or "-" for stdin; replaces the template
-    gray: bool = False
-    match: str = ""  # "", "all" or "any": how loremflickr combines keywords
-    unique: bool = False
-    name_template: str = ""
-    event_loop: str = "auto"  # asyncio backends: "auto" = uvloop when installed, "asyncio"
-    workers: int = 0  # hybrid: event-loop processes; 0 = one per core
+class Settings(Checked):
+    count: int = setting(10, "How many images to fetch.", flag="--count", short="-n", low=1)
+    backend: BackendName = setting(
+        "asyncio", f"Concurrency backend: {', '.join(BACKENDS)}.", flag="--backend"
+    )
+    url: str = setting(
+        DEFAULT_URL,
+        "URL template with {i} (0-based index), {width}, {height}, {keywords}.",
+        flag="--url",
+        metavar="TEMPLATE",
+    )
+    out: Path = setting(Path("pic"), "Output folder.", flag="--out")
+    width: int = setting(320, "Image width asked of the server (--size WxH).", low=1)
+    height: int = setting(240, "Image height asked of the server (--size WxH).", low=1)
+    keywords: str = setting(
+        "", "Comma-separated keywords for {keywords}, e.g. cat,dog.", flag="--keywords"
+    )
+    match: Match = setting(
+        "", "loremflickr: photos matching all keywords, or any of them.", flag="--match"
+    )
+    gray: bool = setting(False, "loremflickr: grayscale photos (the /g/ prefix).", flag="--gray")
+    urls: str = setting(
+        "",
+        "Fetch the URLs in FILE instead of a template: one per line (# comments), or a "
+        "CSV/TSV with a url column; - reads stdin. -n is ignored.",
+        flag="--urls",
+        metavar="FILE",
+    )
+    unique: bool = setting(
+        False,
+        "Keep fetching until N images with distinct content are on disk (bounded).",
+        flag="--unique",
+    )
+    name_template: str = setting(
+        "",
+        "File names, e.g. '{index:05d}-{sha8}{ext}'. Fields: index, stem (remote name), "
+        "sha8, sha256, ext, width, height.",
+        flag="--name-template",
+        metavar="T",
+        default_text="'{index:06d}-{stem}{ext}'",
+    )
+    local: bool = setting(
+        False, "Fetch from the built-in server (no internet needed).", flag="--local"
+    )
+    progress: bool = setting(
+        True,
+        "No progress bar; only the summary line.",
+        flag="--quiet",
+        short="-q",
+        flag_value=False,
+    )
+    resume: bool = setting(
+        False,
+        "Keep images the manifest records as ok (file intact, same sha256); fetch the rest.",
+        flag="--resume",
+    )
+    retry_failed: bool = setting(
+        False, "Re-run only the images the manifest records as failed.", flag="--retry-failed"
+    )
+    event_loop: EventLoop = setting(
+        "auto", "asyncio and hybrid: auto (uvloop when installed) or asyncio's own loop."
+    )
+    workers: int = setting(
+        0,
+        "hybrid backend: event-loop processes sharing the connections.",
+        flag="--workers",
+        low=0,
+        default_text="1 per core",
+    )
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -163,28 +269,18 @@ class Settings:
         # The Python API builds Settings directly: a str path is fine, a str count is not.
         if isinstance(self.out, str):
             object.__setattr__(self, "out", Path(self.out))
-        for name, kind in _hints(Settings).items():
-            value = getattr(self, name)
-            if kind in (int, str, bool, Path) and not _is_a(value, kind):
-                raise ConfigError(f"{name} must be {_kind_name(kind)}, got {value!r}")
-        _check(self.count >= 1, "count must be at least 1")
-        _check(self.width >= 1 and self.height >= 1, "width and height must be at least 1")
-        _check(
-            self.backend in BACKENDS,
-            f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}",
-        )
-        _check(self.match in ("", "all", "any"), "match must be all or any")
-        _check(self.workers >= 0, "workers must be 0 (one per core) or more")
-        _check(self.event_loop in ("auto", "asyncio"), "event_loop must be auto or asyncio")
-        _check(
+        super().__post_init__()
+
+    def check(self) -> None:
+        check(
             not (self.unique and (self.resume or self.retry_failed)),
             "--unique cannot be combined with --resume or --retry-failed",
         )
-        _check(
+        check(
             not (self.urls == "-" and (self.resume or self.retry_failed)),
             "--resume and --retry-failed need a URL list file, not stdin",
         )
-        _check(not (self.urls and self.local), "--local serves URL templates, not --urls lists")
+        check(not (self.urls and self.local), "--local serves URL templates, not --urls lists")
         if self.name_template:
             from .storage import check_name_template
 
@@ -194,18 +290,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _is_a(value: Any, kind: type[Any]) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-# ---------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------- declarations
 
 _SECTIONS: dict[str, Any] = {
     "http": HttpSettings,
@@ -215,22 +300,45 @@ _SECTIONS: dict[str, Any] = {
 }
 
 
-@functools.cache
-def _hints(cls: Any) -> dict[str, Any]:
-    # Resolving the string annotations is slow (~0.1 ms), and Settings is built often.
-    return typing.get_type_hints(cls)
+@dataclass(frozen=True)
+class Declared:
+    """One setting as the loaders and the CLI see it."""
+
+    key: str  # dotted: "http.timeout"
+    kind: Any  # int, float, str, bool, Path, or a Literal
+    default: Any
+    meta: Setting
+
+    @property
+    def env(self) -> str:
+        return "DOWNLOADER_" + self.key.upper().replace(".", "_")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return typing.get_args(self.kind) if typing.get_origin(self.kind) is Literal else ()
 
 
-def known_keys() -> dict[str, type[Any]]:
-    """Every dotted key and the type its value must have."""
-    keys: dict[str, type[Any]] = {}
-    for name, kind in _hints(Settings).items():
-        if name not in _SECTIONS:
-            keys[name] = kind
+def declared() -> Iterator[Declared]:
+    """Every setting, top-level keys first, then each section's."""
+    yield from _declared(Settings, "")
     for section, cls in _SECTIONS.items():
-        for name, kind in _hints(cls).items():
-            keys[f"{section}.{name}"] = kind
-    return keys
+        yield from _declared(cls, f"{section}.")
+
+
+def _declared(cls: Any, prefix: str) -> Iterator[Declared]:
+    for spec in dataclasses.fields(cls):
+        meta = meta_of(cls, spec.name)
+        if meta is not None:
+            yield Declared(prefix + spec.name, hints(cls)[spec.name], spec.default, meta)
+
+
+@functools.cache
+def known_keys() -> dict[str, Any]:
+    """Every dotted key and the type its value must have."""
+    return {d.key: d.kind for d in declared()}
+
+
+# ---------------------------------------------------------------------------- loading
 
 
 def default_config_text() -> str:
@@ -271,7 +379,7 @@ def flatten(table: Mapping[str, Any], origin: str) -> dict[str, Any]:
 
 def from_env(environ: Mapping[str, str]) -> dict[str, str]:
     """``DOWNLOADER_HTTP_TIMEOUT=3`` -> ``{"http.timeout": "3"}``; unknown names are errors."""
-    by_env = {"DOWNLOADER_" + k.upper().replace(".", "_"): k for k in known_keys()}
+    by_env = {d.env: d.key for d in declared()}
     out: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith("DOWNLOADER_"):
@@ -284,6 +392,8 @@ def from_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def coerce(key: str, value: Any, origin: str) -> Any:
     kind = known_keys()[key]
+    if typing.get_origin(kind) is Literal:
+        kind = str  # the choices are checked when the Settings are built
     where = f"{key} (from {origin})"
     if isinstance(value, str) and kind is not str:
         return _parse_text(kind, value, where)
@@ -301,7 +411,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
             return value
     elif kind is Path and isinstance(value, (str, os.PathLike)):
         return Path(value)
-    raise ConfigError(f"{where} must be {_kind_name(kind)}, got {value!r}")
+    raise ConfigError(f"{where} must be {kind_name(kind)}, got {value!r}")
 
 
 def _parse_text(kind: type[Any], text: str, where: str) -> Any:
@@ -318,13 +428,7 @@ def _parse_text(kind: type[Any], text: str, where: str) -> Any:
             return Path(text)
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{where} must be {_kind_name(kind)}, got {text!r}") from None
-
-
-def _kind_name(kind: type[Any]) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        kind, "a path"
-    )
+        raise ConfigError(f"{where} must be {kind_name(kind)}, got {text!r}") from None
 
 
 def build(values: Mapping[str, Any]) -> Settings:

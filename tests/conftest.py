@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import urllib.request
@@ -16,6 +15,9 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from downloader.backends import BACKENDS as REGISTRY
+from downloader.backends import get_backend
+from downloader.errors import ConfigError
 from downloader.server import RunningServer, make_app, render_photo, server_thread
 from downloader.settings import (
     DaskSettings,
@@ -25,9 +27,21 @@ from downloader.settings import (
     ThumbnailSettings,
 )
 
-BACKENDS = ["sync", "threads", "asyncio", "processes", "hybrid"]
-# The contract suite also runs on dask (a LocalCluster of 2 workers) when it is installed.
-CONTRACT_BACKENDS = BACKENDS + (["dask"] if importlib.util.find_spec("distributed") else [])
+# The backend matrix is the registry's: a new backend cannot escape the contract tests.
+# Backends that need an extra (dask: a LocalCluster of 2 workers, slow to start) run the
+# contract suite when the extra is installed, and are left out of the longer suites.
+BACKENDS = [name for name, (_, _, extra) in REGISTRY.items() if extra is None]
+
+
+def _installed(name: str) -> bool:
+    try:
+        get_backend(name)
+    except ConfigError:  # its extra is not installed
+        return False
+    return True
+
+
+CONTRACT_BACKENDS = BACKENDS + [n for n in REGISTRY if n not in BACKENDS and _installed(n)]
 OVERSIZE_CAP = 200_000
 
 

@@ -18,14 +18,13 @@ from PIL import Image
 
 from downloader.errors import ConfigError
 from downloader.server import (
-    FAULT_KINDS,
     JPEG_MAGIC,
     RunningServer,
     choose_fault,
     make_app,
     server_thread,
 )
-from downloader.settings import ServerSettings, load_settings
+from downloader.settings import FAULTS, ServerSettings, load_settings
 
 PATH = "/64/48?lock=3"
 Serve = Callable[..., RunningServer]
@@ -272,7 +271,7 @@ def test_pattern_depends_on_seed_and_url_only() -> None:
     pattern = [choose_fault(ServerSettings(seed=1, **MIXED), p) for p in paths]
     assert pattern == [choose_fault(ServerSettings(seed=1, **MIXED), p) for p in paths]
     assert pattern != [choose_fault(ServerSettings(seed=2, **MIXED), p) for p in paths]
-    assert set(pattern) == {*FAULT_KINDS, None}
+    assert set(pattern) == {*FAULTS, None}
 
 
 def test_observed_rate_matches() -> None:
@@ -281,10 +280,10 @@ def test_observed_rate_matches() -> None:
     assert set(faults) == {"fail", None}
     assert 0.05 <= faults["fail"] / 1000 <= 0.15
 
-    tenth: dict[str, Any] = {f"{kind}_rate": 0.1 for kind in FAULT_KINDS}
+    tenth: dict[str, Any] = {f"{kind}_rate": 0.1 for kind in FAULTS}
     mixed = ServerSettings(seed=5, **tenth)
     faults = Counter(choose_fault(mixed, f"/g/100/100?lock={i}") for i in range(1000))
-    for kind in FAULT_KINDS:
+    for kind in FAULTS:
         assert 0.05 <= faults[kind] / 1000 <= 0.15, kind
     assert 0.2 <= faults[None] / 1000 <= 0.4
 
@@ -317,7 +316,7 @@ def test_rates_are_validated(changes: dict[str, Any], message: str) -> None:
 
 def test_rates_adding_up_to_one_are_fine() -> None:
     ServerSettings(fail_rate=0.1, throttle_rate=0.2, reset_rate=0.7)
-    sevenths: dict[str, Any] = {f"{kind}_rate": 1 / 7 for kind in FAULT_KINDS}
+    sevenths: dict[str, Any] = {f"{kind}_rate": 1 / 7 for kind in FAULTS}
     ServerSettings(**sevenths)
 
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from downloader.backends import BACKENDS as REGISTRY
+from downloader.backends import BackendName
 from downloader.cli import main
 from downloader.errors import ConfigError
 from downloader.settings import (
     BACKENDS,
     DEFAULT_URL,
+    FAULTS,
+    ServerSettings,
     Settings,
+    declared,
     default_config_text,
     flatten,
     known_keys,
@@ -268,3 +274,54 @@ def test_version_exits_zero() -> None:
     result = invoke("--version")
     assert result.exit_code == 0
     assert "0.1.0" in result.output
+
+
+# ---------------------------------------------------------------------------- declarations
+
+
+def test_shipped_file_sets_the_declared_defaults() -> None:
+    """default.toml and the declarations in settings.py agree on every value."""
+    assert load_settings(environ={}) == Settings()
+
+
+def test_backend_names_are_the_registry() -> None:
+    assert set(typing.get_args(BackendName)) == set(REGISTRY)
+    assert known_keys()["backend"] is BackendName
+
+
+def test_every_fault_kind_is_a_setting_and_a_flag() -> None:
+    rates = dict(ServerSettings().fault_rates())
+    assert set(rates) == set(FAULTS)
+    help_text = invoke("serve", "--help").stdout
+    for kind in FAULTS:
+        assert f"--{kind}-rate" in help_text
+
+
+def test_every_declared_flag_is_an_option_with_its_default() -> None:
+    help_text = " ".join(invoke("--help").stdout.split())
+    for item in declared():
+        if item.meta.flag is None or "download" not in item.meta.commands:
+            continue
+        assert item.meta.flag in help_text, item.key
+    assert "--concurrency INTEGER Downloads in flight (processes: worker count). [default: 32]" in (
+        help_text
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "value"),
+    [
+        (["--rate", "2.5/s"], "http.rate", 2.5),
+        (["-q"], "progress", False),
+        (["--gray"], "gray", True),
+        (["--size", "64x48"], "width", 64),
+        (["--latency-ms", "7"], "server.latency_ms", 7.0),
+    ],
+)
+def test_flags_reach_their_settings(args: list[str], key: str, value: object) -> None:
+    from downloader.cli import settings_from_options
+
+    context = main.make_context("download", list(args))
+    settings = settings_from_options(dict(context.params))
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(settings, section) if section else settings, name) == value

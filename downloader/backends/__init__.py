@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import importlib
+from typing import Literal
 
 from ..errors import ConfigError
 from .base import Backend, Emit
 
-__all__ = ["BACKENDS", "Backend", "Emit", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendName", "Emit", "get_backend"]
+
+# The registry: adding a backend is one module plus its name here and its line below (a
+# test checks the two agree); the settings, the CLI and the test suite's backend matrix
+# all read their backend names from here.
+BackendName = Literal["sync", "threads", "asyncio", "processes", "hybrid", "dask"]
 
 # name -> (module, class, the extra that provides its optional dependencies)
-BACKENDS: dict[str, tuple[str, str, str | None]] = {
+BACKENDS: dict[BackendName, tuple[str, str, str | None]] = {
     "sync": ("sync", "SyncBackend", None),
     "threads": ("threads", "ThreadsBackend", None),
     "asyncio": ("aio", "AsyncioBackend", None),
@@ -22,7 +28,7 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
 
 def get_backend(name: str) -> Backend:
     try:
-        module_name, class_name, extra = BACKENDS[name]
+        module_name, class_name, extra = BACKENDS[name]  # type: ignore[index]
     except KeyError:
         raise ConfigError(
             f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"

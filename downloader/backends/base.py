@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..jobs import Job
 from ..result import Result
-from ..settings import Settings
+
+if TYPE_CHECKING:  # the settings import the backend registry, which imports this module
+    from ..settings import Settings
 
 Emit = Callable[[Result], None]
 
