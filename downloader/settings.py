@@ -104,6 +104,13 @@ class ThumbnailSettings(Checked):
         "process", "Where asyncio and threads run thumbnails: process, thread or inline."
     )
     quality: int = setting(85, "JPEG quality of thumbnails.", low=1, high=95)
+    python_cpu_ms: int = setting(
+        0,
+        "Milliseconds of pure-Python CPU work per image, holding the GIL (a stand-in for "
+        "user code; compare --scenario gil).",
+        low=0,
+        high=60000,
+    )
 
 
 _BOTH = ("download", "serve")  # server knobs: `serve`, and `download --local`

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import busywork
 from .errors import FetchError
 from .fetch import Fetched, fetch_async, fetch_sync
 from .jobs import Job, check_url
@@ -35,11 +36,15 @@ AsyncWrite = Callable[[list[tuple[Path, bytes]]], Awaitable[None]]
 
 
 def cpu_stage(settings: Settings) -> CpuStage:
-    """``inspect_image`` bound to the thumbnail settings: a ``partial``, so a process pool
-    can pickle it as well as a thread can call it."""
-    return functools.partial(
+    """``inspect_image`` bound to the thumbnail settings, followed by the pure-Python
+    stand-in for user code when ``thumbnails.python_cpu_ms`` asks for it: a ``partial``, so
+    a process pool can pickle it as well as a thread can call it."""
+    stage = functools.partial(
         inspect_image, size=settings.thumbnails.size, quality=settings.thumbnails.quality
     )
+    if settings.thumbnails.python_cpu_ms:
+        return functools.partial(busywork.after, stage, settings.thumbnails.python_cpu_ms)
+    return stage
 
 
 def handle_sync(

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from downloader import busywork
 from downloader.cli import main
 from downloader.compare import Row, Run, settings_from_json, settings_to_json, verdict
-from downloader.settings import Settings
+from downloader.server import render_photo
+from downloader.settings import Settings, ThumbnailSettings
+from downloader.thumbnails import inspect_image
+from downloader.work import cpu_stage
 
 
 def test_settings_round_trip_through_json() -> None:
@@ -88,3 +96,49 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output + result.stderr
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def _cpu_per_wall_on_two_threads(work: Callable[[], object], calls: int = 2) -> float:
+    """Run ``work`` ``calls`` times on each of 2 threads at once: this process's CPU time
+    over the wall time (about 2 where both threads run on a core each, 1 under one GIL)."""
+    barrier = threading.Barrier(3)
+
+    def loop() -> None:
+        barrier.wait()
+        for _ in range(calls):
+            work()
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    cpu, wall = time.process_time(), time.perf_counter()
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def test_the_python_stage_holds_the_gil(record_property: Callable[[str, object], None]) -> None:
+    """Two threads running the gil stage use one core at most, whatever else the machine
+    does; Pillow's thumbnail on 2 threads may use both (reported, not asserted: it needs
+    2 free cores to show)."""
+    tiny = render_photo(32, 24, 0, seed=0)
+    stage = cpu_stage(Settings(thumbnails=ThumbnailSettings(size=0, python_cpu_ms=150)))
+    assert _cpu_per_wall_on_two_threads(lambda: stage(tiny)) < 1.3
+    big = render_photo(1920, 1080, 0, seed=0)
+    pillow = _cpu_per_wall_on_two_threads(lambda: inspect_image(big, 128), calls=6)
+    record_property("pillow_cpu_per_wall_on_2_threads", round(pillow, 2))
+    print(f"Pillow's thumbnail on 2 threads: CPU time / wall time = {pillow:.2f}")
+
+
+def test_the_python_stage_runs_after_the_thumbnail_and_pickles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    burnt: list[int] = []
+    monkeypatch.setattr(busywork, "burn", lambda ms, seed=1: burnt.append(ms) or seed)
+    data = render_photo(64, 48, 1, seed=0)
+    plain = cpu_stage(Settings())
+    staged = cpu_stage(Settings(thumbnails=ThumbnailSettings(python_cpu_ms=7)))
+    assert pickle.loads(pickle.dumps(staged))(data) == plain(data) == inspect_image(data, 128)
+    assert burnt == [7]  # the unpickled copy ran it; the plain stage did not
+    assert busywork.steps_for(0) == 0 < busywork.steps_for(1) < busywork.steps_for(2)
