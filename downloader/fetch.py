@@ -279,12 +279,16 @@ def new_session(http: HttpSettings) -> requests.Session:
     import requests
 
     from .deadline import DeadlineAdapter
+    from .netguard.sync import GuardedAdapter
 
     session = requests.Session()
-    session.trust_env = proxies_configured()
+    # block_private: an adapter that checks every address it connects to (and no proxy:
+    # the check must see the address connected to).
+    session.trust_env = proxies_configured() and not http.block_private
     session.max_redirects = http.max_redirects
     session.headers["User-Agent"] = http.user_agent
-    adapter = DeadlineAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    adapter_class = GuardedAdapter if http.block_private else DeadlineAdapter
+    adapter = adapter_class(pool_connections=4, pool_maxsize=4, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

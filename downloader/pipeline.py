@@ -71,6 +71,9 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     """Download what ``settings`` asks for. Raises ``ConfigError``/``StorageError`` for bad
     settings; per-image failures are in the report, never raised. Ctrl-C or SIGTERM stops
     the run cleanly: the report says ``interrupted``."""
+    if settings.local and settings.http.block_private:
+        # Every URL of a local run points at its own built-in server, on loopback.
+        settings = settings.replace(http=dataclasses.replace(settings.http, block_private=False))
     backend = get_backend(settings.backend)
     source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
     prepare = getattr(backend, "prepare", None)

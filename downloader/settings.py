@@ -85,6 +85,9 @@ class HttpSettings(Checked):
         default_text="no limit",
     )
     user_agent: str = setting("downloader/0.1 (+https://github.com/)", "User-Agent header.")
+    block_private: bool = setting(
+        False, "Connect only to public addresses: refuse loopback, private, link-local, ..."
+    )
 
     def check(self) -> None:
         check(

@@ -19,6 +19,7 @@ import aiohttp
 
 from ..fetch import proxies_configured
 from ..jobs import Job
+from ..netguard.aio import GuardedConnector
 from ..politeness import HostGate
 from ..settings import Settings
 from ..thumbnails import ImageInfo
@@ -113,7 +114,9 @@ async def _feed_from_thread(jobs: Iterable[Job], queue: asyncio.Queue[Job | None
 
 def new_client(settings: Settings) -> aiohttp.ClientSession:
     http = settings.http
-    connector = aiohttp.TCPConnector(
+    # block_private: a connector that checks every address it connects to (and no proxy:
+    # the check must see the address connected to).
+    connector = (GuardedConnector if http.block_private else aiohttp.TCPConnector)(
         limit=http.concurrency,
         limit_per_host=http.per_host or http.concurrency,
         ttl_dns_cache=300,
@@ -121,7 +124,7 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": http.user_agent},
-        trust_env=proxies_configured(),
+        trust_env=proxies_configured() and not http.block_private,
     )
 
 
