@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -200,3 +201,11 @@ def decode_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         return img.size
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds`` (a deadline, not a timing)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.02)
