@@ -1,14 +1,17 @@
 """Fetching: pure decisions about a response, one retry policy, two thin I/O shells.
 
-``check_status``, ``check_declared_length`` and ``check_body`` decide; ``fetch_sync``
-(requests) and ``fetch_async`` (aiohttp) are the only two places in the package that do
-HTTP, and both run their single attempt under the same tenacity policy (``retry_policy``).
+``check_status``, ``check_declared_length``, ``check_length`` and ``check_body`` decide;
+``fetch_sync`` (requests) and ``fetch_async`` (aiohttp) are the only two places in the
+package that do HTTP. Both shells share the rest: one table turns either library's
+exceptions into our failures (``failure_for``), and one driver (``_Tries``) counts the
+attempts and asks the tenacity policy (``retry_policy``) whether and when to try again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tenacity import (
-    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception_type,
@@ -25,9 +27,9 @@ from tenacity import (
 )
 
 from .errors import FetchError, InvalidImageError, RetryableFetchError
+from .magic import looks_like_image
 from .politeness import HostGate, host_of
 from .settings import HttpSettings
-from .thumbnails import looks_like_image
 
 if TYPE_CHECKING:
     import aiohttp
@@ -88,6 +90,15 @@ def check_declared_length(value: str | None, max_bytes: int) -> int | None:
     return length
 
 
+def check_length(declared: int | None, data: bytes, url: str) -> None:
+    """The body is as long as its Content-Length said: a shorter one was cut off on the
+    way (worth another try), and a longer one is not the body that was described."""
+    if declared is not None and len(data) != declared:
+        raise RetryableFetchError(
+            f"body of {len(data)} bytes, but Content-Length said {declared}: {url}"
+        )
+
+
 def too_big(max_bytes: int) -> InvalidImageError:
     return InvalidImageError(f"body is over the {max_bytes}-byte cap")
 
@@ -100,6 +111,60 @@ def check_body(content_type: str, data: bytes) -> None:
     if kind.startswith("image/") or looks_like_image(data):
         return
     raise InvalidImageError(f"not an image: content type {kind or 'missing'!r}")
+
+
+# ---------------------------------------------------------------------------- failures
+
+# Our failures, and for each the exceptions of requests and of aiohttp that mean it; the
+# first row that matches wins (a connect timeout is both a timeout and a connection error).
+_FAILURES = ("redirects", "timeout", "connection", "request", "url")
+
+
+@functools.cache
+def _library_errors(library: str) -> tuple[tuple[str, tuple[type[BaseException], ...]], ...]:
+    if library == "requests":
+        import requests
+
+        columns: tuple[tuple[type[BaseException], ...], ...] = (
+            (requests.TooManyRedirects,),
+            (requests.Timeout,),
+            (requests.ConnectionError, requests.exceptions.ChunkedEncodingError),
+            (requests.RequestException,),
+            (ValueError,),  # urllib3's LocationParseError, idna: a URL no client can use
+        )
+    else:
+        import aiohttp
+
+        columns = (
+            (aiohttp.TooManyRedirects,),
+            (TimeoutError,),
+            (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError),
+            (aiohttp.ClientError,),
+            (ValueError,),  # UnicodeError from idna, bad ports: a URL no client can use
+        )
+    return tuple(zip(_FAILURES, columns, strict=True))
+
+
+def failure_for(
+    library: str, exc: BaseException, url: str, http: HttpSettings, late: bool = False
+) -> FetchError | None:
+    """The failure a ``library`` ("requests" or "aiohttp") exception means, or None when it
+    is none of ours (a bug: let it raise). ``late``: the request's deadline had passed, so
+    a dropped connection is the watchdog cutting a trickling server short."""
+    kind = next((k for k, types in _library_errors(library) if isinstance(exc, types)), None)
+    if kind == "connection" and late:
+        kind = "timeout"
+    if kind == "redirects":
+        return FetchError(f"too many redirects (over {http.max_redirects}): {url}")
+    if kind == "timeout":
+        return RetryableFetchError(f"timed out after {http.timeout:g} s: {url}")
+    if kind == "connection":
+        return RetryableFetchError(f"connection failed: {_reason(exc)}: {url}")
+    if kind == "request":
+        return FetchError(f"request failed: {_reason(exc)}: {url}")
+    if kind == "url":
+        return FetchError(f"invalid URL: {_reason(exc)}: {url}")
+    return None
 
 
 # ---------------------------------------------------------------------------- retry policy
@@ -127,13 +192,7 @@ def retry_policy(http: HttpSettings) -> dict[str, Any]:
         "stop": stop_after_attempt(http.retries + 1),
         "wait": _Wait(http),
         "retry": retry_if_exception_type(RetryableFetchError),
-        "reraise": True,
     }
-
-
-def _failed(exc: FetchError, attempts: int) -> FetchError:
-    exc.attempts = attempts
-    return exc
 
 
 def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
@@ -149,13 +208,38 @@ def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
     return None
 
 
-def _slow_host(
-    gate: HostGate | None, url: str, exc: RetryableFetchError, http: HttpSettings
-) -> None:
-    """Both shells: a throttling answer pauses every request to its host."""
-    pause = host_pause(exc, http) if gate is not None else None
-    if gate is not None and pause:
-        gate.pause(host_of(url), pause)
+class _Tries:
+    """The retry driver both shells run: it counts one URL's attempts and, after each
+    failure, pauses a throttling host and asks the policy whether and how long to wait.
+
+    The policy is consulted only after a failure: most images need one attempt, and
+    tenacity's per-call machinery cost more CPU than the rest of our fetch code."""
+
+    def __init__(self, url: str, http: HttpSettings, gate: HostGate | None) -> None:
+        self.url, self.http, self.gate = url, http, gate
+        self.count = 0
+        self._policy: Retrying | None = None
+
+    def start(self) -> None:
+        self.count += 1
+
+    def done(self, fetched: Fetched) -> Fetched:
+        return fetched if self.count == 1 else replace(fetched, attempts=self.count)
+
+    def wait_after(self, exc: FetchError) -> float:
+        """Seconds to wait before the next attempt; raises ``exc`` when there is none."""
+        exc.attempts = self.count
+        if isinstance(exc, RetryableFetchError) and self.gate is not None:
+            pause = host_pause(exc, self.http)
+            if pause:  # a throttling answer pauses every request to the host
+                self.gate.pause(host_of(self.url), pause)
+        policy = self._policy = self._policy or Retrying(**retry_policy(self.http))
+        state = RetryCallState(policy, None, (), {})
+        state.attempt_number = self.count
+        state.set_exception((type(exc), exc, exc.__traceback__))
+        if not policy.retry(state) or policy.stop(state):
+            raise exc
+        return float(policy.wait(state))
 
 
 # ---------------------------------------------------------------------------- requests shell
@@ -169,65 +253,18 @@ def fetch_sync(
     gate: HostGate | None = None,
 ) -> Fetched:
     """GET ``url`` with requests under the retry policy. Raises ``FetchError``."""
-    attempts = 0
-
-    def attempt() -> Fetched:
-        nonlocal attempts
-        attempts += 1
+    tries = _Tries(url, http, gate)
+    while True:
+        tries.start()
         if gate is not None:
             gate.wait_sync(url)
         try:
-            return _attempt_sync(session, url, http)
-        except RetryableFetchError as exc:
-            _slow_host(gate, url, exc, http)
-            raise
-
-    try:
-        try:
-            fetched = attempt()  # most images need one attempt: see _replay
-        except RetryableFetchError as first:
-            retrying = Retrying(sleep=sleep, **retry_policy(http))
-            fetched = retrying(_replay(first, attempt))
-    except FetchError as exc:
-        raise _failed(exc, attempts) from None
-    return replace(fetched, attempts=attempts)
-
-
-def _replay(first: RetryableFetchError, attempt: Callable[[], Fetched]) -> Callable[[], Fetched]:
-    """``attempt``, whose first call re-raises ``first`` instead of running.
-
-    The first attempt runs outside tenacity: its machinery costs ~0.1 ms of CPU an image,
-    more than the rest of our fetch code, and most images need one attempt. When it fails
-    with a retryable error, the policy takes over and is handed that failure as its own
-    attempt 1, so its waits (Retry-After included) and its attempt count stay the policy's.
-    """
-    pending = [first]
-
-    def call() -> Fetched:
-        if pending:
-            raise pending.pop()
-        return attempt()
-
-    return call
-
-
-def _replay_async(
-    first: RetryableFetchError, attempt: Callable[[], Awaitable[Fetched]]
-) -> Callable[[], Awaitable[Fetched]]:
-    """``_replay`` for a coroutine function: tenacity awaits only what is one."""
-    pending = [first]
-
-    async def call() -> Fetched:
-        if pending:
-            raise pending.pop()
-        return await attempt()
-
-    return call
+            return tries.done(_attempt_sync(session, url, http))
+        except FetchError as exc:
+            sleep(tries.wait_after(exc))
 
 
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
-    import requests
-
     from .deadline import request_deadline
 
     deadline = time.monotonic() + http.timeout
@@ -237,7 +274,7 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
             session.get(url, stream=True, timeout=http.timeout) as resp,
         ):
             check_status(resp.status_code, resp.headers, url)
-            check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
+            declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             chunks: list[bytes] = []
             size = 0
             for chunk in resp.iter_content(CHUNK):
@@ -250,21 +287,18 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
             if time.monotonic() > deadline:  # cut short by the watchdog at an EOF
                 raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}")
             data = b"".join(chunks)
+            if not resp.headers.get("Content-Encoding"):
+                check_length(declared, data, url)
             content_type = resp.headers.get("Content-Type", "")
             check_body(content_type, data)
             return Fetched(url, resp.url, data, content_type)
-    except requests.TooManyRedirects:
-        raise FetchError(f"too many redirects (over {http.max_redirects}): {url}") from None
-    except requests.Timeout:
-        raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        if time.monotonic() >= deadline:  # the watchdog cut a trickling server short
-            raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
-        raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
-    except requests.RequestException as exc:
-        raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
-    except ValueError as exc:  # urllib3's LocationParseError, idna: a URL no client can use
-        raise FetchError(f"invalid URL: {_reason(exc)}: {url}") from None
+    except FetchError:
+        raise
+    except Exception as exc:
+        failure = failure_for("requests", exc, url, http, time.monotonic() >= deadline)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def proxies_configured() -> bool:
@@ -305,40 +339,27 @@ async def fetch_async(
     gate: HostGate | None = None,
 ) -> Fetched:
     """GET ``url`` with aiohttp under the retry policy. Raises ``FetchError``."""
-    attempts = 0
-
-    async def attempt() -> Fetched:
-        nonlocal attempts
-        attempts += 1
+    tries = _Tries(url, http, gate)
+    while True:
+        tries.start()
         if gate is not None:
             await gate.wait_async(url)
         try:
-            return await _attempt_async(session, url, http)
-        except RetryableFetchError as exc:
-            _slow_host(gate, url, exc, http)
-            raise
-
-    try:
-        try:
-            fetched = await attempt()  # most images need one attempt: see _replay
-        except RetryableFetchError as first:
-            retrying = AsyncRetrying(sleep=sleep, **retry_policy(http))
-            fetched = await retrying(_replay_async(first, attempt))
-    except FetchError as exc:
-        raise _failed(exc, attempts) from None
-    return replace(fetched, attempts=attempts)
+            return tries.done(await _attempt_async(session, url, http))
+        except FetchError as exc:
+            await sleep(tries.wait_after(exc))
 
 
 async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSettings) -> Fetched:
-    import aiohttp
-
-    timeout = aiohttp.ClientTimeout(total=http.timeout)
     try:
-        async with session.get(url, timeout=timeout, max_redirects=http.max_redirects) as resp:
+        async with session.get(
+            url, timeout=_client_timeout(http.timeout), max_redirects=http.max_redirects
+        ) as resp:
             check_status(resp.status, resp.headers, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             if declared is not None and not resp.headers.get("Content-Encoding"):
                 data = await resp.read()  # aiohttp stops at the declared length
+                check_length(declared, data, url)
             else:
                 buf = bytearray()
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -349,16 +370,20 @@ async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSet
             content_type = resp.headers.get("Content-Type", "")
             check_body(content_type, data)
             return Fetched(url, str(resp.url), data, content_type)
-    except aiohttp.TooManyRedirects:
-        raise FetchError(f"too many redirects (over {http.max_redirects}): {url}") from None
-    except TimeoutError:
-        raise RetryableFetchError(f"timed out after {http.timeout:g} s: {url}") from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-        raise RetryableFetchError(f"connection failed: {_reason(exc)}: {url}") from None
-    except aiohttp.ClientError as exc:
-        raise FetchError(f"request failed: {_reason(exc)}: {url}") from None
-    except ValueError as exc:  # UnicodeError from idna, bad ports: a URL no client can use
-        raise FetchError(f"invalid URL: {_reason(exc)}: {url}") from None
+    except FetchError:
+        raise
+    except Exception as exc:
+        failure = failure_for("aiohttp", exc, url, http)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+@functools.cache
+def _client_timeout(total: float) -> aiohttp.ClientTimeout:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=total)
 
 
 def _reason(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
 ThumbnailExecutor = Literal["process", "thread", "inline"]
 Match = Literal["", "all", "any"]
 EventLoop = Literal["auto", "asyncio"]
+Verify = Literal["full", "header"]
 
 # The built-in server's fault kinds, in the order their rates are stacked: each is a
 # ``server.<kind>_rate`` setting, a ``--<kind>-rate`` flag and a behaviour of the server.
@@ -269,6 +270,13 @@ class Settings(Checked):
         flag="--workers",
         low=0,
         default_text="1 per core",
+    )
+    verify: Verify = setting(
+        "full",
+        "full: decode every image. header: without thumbnails, decode none; check the header "
+        "(format, size, bomb guard), magic bytes, Content-Length and the end marker (misses "
+        "corrupt data between header and end; refuses data after a JPEG's end).",
+        flag="--verify",
     )
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)

@@ -2,8 +2,8 @@
 
 ``inspect_image`` is pure (bytes in, ``ImageInfo`` out), picklable and safe to run in any
 thread or process: every backend calls this one function, wherever it schedules it.
-Measured here (Pillow 13, 2 cores): 640x480 JPEG -> 128 px costs ~2.7 ms of CPU with JPEG
-draft mode and ~4.3 ms without, so draft mode is always on.
+JPEG draft mode is always on: libjpeg then decodes at 1/2..1/8 scale, for a fraction of
+the CPU (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
+from .magic import ends_complete, sniff
 
 # Formats we accept; restricting Image.open keeps exotic decoders away from untrusted bytes.
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
-MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+FORMATS = list(EXTENSIONS)
 
 # A decompression bomb is an error, not a warning, whatever the caller's warning filters.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
@@ -35,26 +36,34 @@ class ImageInfo:
     sha256: str  # of the original bytes: hashed here, off the event loop
 
 
-def looks_like_image(data: bytes) -> bool:
-    """True when ``data`` starts with the magic bytes of a format we accept."""
-    return data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full") -> ImageInfo:
+    """Validate ``data`` and, when ``size`` > 0, make a JPEG thumbnail whose longest side is
+    at most ``size`` pixels.
 
-
-def inspect_image(data: bytes, size: int, quality: int = 85) -> ImageInfo:
-    """Decode ``data`` fully (catching corrupt and truncated bodies) and, when ``size`` > 0,
-    return a JPEG thumbnail whose longest side is at most ``size`` pixels."""
+    ``verify="full"`` decodes every image (catching corrupt and truncated bodies).
+    ``"header"`` without a thumbnail decodes no pixels: the header must parse (format,
+    size, the bomb guard) and agree with the magic bytes, and the body must end with its
+    format's end marker (a truncated body does not). What it misses: corrupt data between
+    a valid header and end; and it refuses a JPEG with data appended after its end marker.
+    """
     try:
-        with Image.open(io.BytesIO(data), formats=list(EXTENSIONS)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             fmt = img.format or "?"
             width, height = img.size
             if width * height > (Image.MAX_IMAGE_PIXELS or 0) > 0:
                 raise InvalidImageError(f"image of {width}x{height} pixels is a decompression bomb")
-            # Draft mode lets libjpeg decode at 1/2..1/8 scale: the whole stream is still
-            # read (so corruption is caught) at a fraction of the CPU. Asking for the real
-            # thumbnail box (128x96, not 128x128) lets 320x240 decode at 1/2: 1.7 -> 0.9 ms.
-            img.draft("RGB", fit(width, height, size))
-            img.load()
-            thumb = _thumbnail(img, size, quality) if size > 0 else None
+            if sniff(data) != fmt:
+                raise InvalidImageError(f"not an image: a {fmt} header without its magic bytes")
+            thumb = None
+            if size > 0 or verify != "header":
+                # Draft mode lets libjpeg decode at 1/2..1/8 scale: the whole stream is
+                # still read (so corruption is caught) at a fraction of the CPU. Asking for
+                # the real thumbnail box (128x96, not 128x128) lets 320x240 decode at 1/2.
+                img.draft("RGB", fit(width, height, size))
+                img.load()
+                thumb = _thumbnail(img, size, quality) if size > 0 else None
+            elif not ends_complete(fmt, data):
+                raise InvalidImageError(f"not a valid image: truncated (no {fmt} end marker)")
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -40,7 +40,10 @@ def cpu_stage(settings: Settings) -> CpuStage:
     stand-in for user code when ``thumbnails.python_cpu_ms`` asks for it: a ``partial``, so
     a process pool can pickle it as well as a thread can call it."""
     stage = functools.partial(
-        inspect_image, size=settings.thumbnails.size, quality=settings.thumbnails.quality
+        inspect_image,
+        size=settings.thumbnails.size,
+        quality=settings.thumbnails.quality,
+        verify=settings.verify,
     )
     if settings.thumbnails.python_cpu_ms:
         return functools.partial(busywork.after, stage, settings.thumbnails.python_cpu_ms)
