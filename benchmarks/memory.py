@@ -35,19 +35,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (
-    Measured,
     Table,
-    become_subreaper,
     code_version,
     find_tool,
     good_image,
     image_server,
     machine_info,
-    measure,
     median,
     pin_package,
     warm,
 )
+
+from downloader.usage import Measured, become_subreaper, measure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -37,20 +37,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (
-    Measured,
     Table,
-    become_subreaper,
     code_version,
     find_tool,
     good_image,
     image_server,
     machine_info,
-    measure,
     median,
     pin_package,
-    proc_cpu_s,
     warm,
 )
+
+from downloader.usage import Measured, become_subreaper, measure, proc_cpu_s
 
 BACKENDS = ("sync", "threads", "asyncio", "processes", "hybrid")
 THUMB, DL = "thumbnails", "download-only"
@@ -102,6 +100,12 @@ class Row:
     def images_per_s(self) -> float:
         # Per run (ok images / wall), then the median: a run that saved nothing scores 0.
         return median([ok / run.wall_s for ok, run in zip(self.oks, self.runs, strict=True)])
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """CPU of the whole process tree per image saved, per run, then the median."""
+        runs = zip(self.oks, self.runs, strict=True)
+        return median([run.cpu_s * 1000 / ok if ok else math.inf for ok, run in runs])
 
 
 # ---------------------------------------------------------------------------- our backends
@@ -336,7 +340,8 @@ def ratio(row: Row, rows: list[Row]) -> str:
 def render(rows: list[Row], args: argparse.Namespace) -> str:
     table = Table(
         [
-            "tool/variant", "kind", "median wall s", "images/s", "CPU s", "server CPU s",
+            "tool/variant", "kind", "median wall s", "images/s", "CPU ms/image", "CPU s",
+            "server CPU s",
             "peak RSS MB", "tree RSS MB", "ok", "ratio (images/s)",
         ] + (["n=1 wall s"] if args.startup else [])
     )  # fmt: skip
@@ -347,6 +352,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
                 row.variant.kind,
                 f"{row.med('wall_s'):.2f}",
                 f"{row.images_per_s:.1f}",
+                f"{row.cpu_ms_per_image:.2f}",
                 f"{row.med('cpu_s'):.2f}",
                 f"{median(row.server_cpu):.2f}",
                 f"{row.med('maxrss_mb'):.0f}",
@@ -395,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"problem: {row.variant.name} {error}")
     print(
         "peak RSS = largest single process (wait4 ru_maxrss); tree RSS = peak of the summed RSS "
-        "of the whole process tree, sampled every 0.1 s; CPU s = user+sys of the whole tree; "
+        "of the whole process tree, sampled every 0.1 s; CPU s = user+sys of the whole tree "
+        "(forkserver children and orphans included, start-up included); CPU ms/image = that "
+        "over the images saved; "
         "server CPU s = what the image server used meanwhile (same 2 cores)."
     )
     if args.json is not None:
@@ -427,6 +435,7 @@ def to_json(
                 "wall_s_median": row.med("wall_s"),
                 "images_per_s_median": row.images_per_s,
                 "cpu_s_median": row.med("cpu_s"),
+                "cpu_ms_per_image_median": row.cpu_ms_per_image,
                 "server_cpu_s_median": median(row.server_cpu),
                 "peak_rss_mb_median": row.med("maxrss_mb"),
                 "tree_rss_mb_median": row.med("tree_rss_mb"),
