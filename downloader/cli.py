@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from .errors import ConfigError, DownloaderError, StorageError
-from .settings import BACKENDS, Declared, Settings, declared, load_settings
+from .settings import Declared, Settings, declared, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -205,9 +205,11 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["io", "cpu"]),
+    type=click.Choice(["io", "cpu", "gil", "all"]),
     help="io: 200 ms latency, 320x240, 100 connections. cpu: no latency, 1920x1080, "
-    "8 connections, so thumbnails dominate. Flags given as well win.",
+    "8 connections, so thumbnails dominate. gil: no latency, 320x240, 8 connections, and "
+    "--python-cpu-ms of pure-Python work per image that holds the GIL (run in a thread by "
+    "threads and asyncio). all: the three, one after another. Flags given as well win.",
 )
 @click.option(
     "--local/--no-local", default=True, show_default=True, help="Use the built-in server."
@@ -216,82 +218,60 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
 @click.option("--size", metavar="WxH", help="Image size.")
 @click.option("--concurrency", type=int, help="Downloads in flight for every backend.")
 @click.option("--thumbnail-size", type=int, metavar="PX", help="Thumbnail size; 0 = off.")
+@click.option(
+    "--python-cpu-ms",
+    type=int,
+    metavar="MS",
+    help="Pure-Python CPU work per image that holds the GIL, a stand-in for your own code "
+    "(thumbnails.python_cpu_ms). [default: 20 with --scenario gil, else 0]",
+)
 @click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write raw numbers.")
-@click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG bar chart.")
+@click.option(
+    "--chart",
+    type=click.Path(path_type=Path),
+    help="Write a PNG bar chart (with --scenario all: the three side by side).",
+)
 @click.option("--keep", type=click.Path(path_type=Path), help="Keep each run's output here.")
 @click.pass_context
 def compare(ctx: click.Context, /, **options: Any) -> int:
     """Run several backends on the same workload and print a table side by side.
 
     Each run is a fresh process with a fresh output folder; the built-in server runs in a
-    process of its own. Wall time is the median of --repeat runs.
+    process of its own. Wall time is the median of --repeat runs; CPU and memory count
+    every process a run starts.
     """
-    import json
+    from . import compare as comparing
+    from . import scoreboard
 
-    from .compare import SCENARIOS, print_table, rows_to_json, verdict, write_chart
-    from .compare import compare as run_compare
-
-    parent = ctx.obj or {}
-    preset = SCENARIOS.get(options["scenario"] or "", {"count": 200})
-    size = _size(options["size"]) or preset.get("size")
-    overrides: dict[str, Any] = {
-        "count": _first(options["count"], preset["count"]),
-        "local": options["local"],
-        "server.latency_ms": _first(options["latency_ms"], preset.get("latency_ms")),
-        "http.concurrency": _first(options["concurrency"], preset.get("concurrency")),
-        "thumbnails.size": options["thumbnail_size"],
-        "progress": False,
-    }
-    if size is not None:
-        overrides["width"], overrides["height"] = size
-    settings = load_settings(parent.get("config"), overrides=overrides)
-    backends = [name.strip() for name in (options["backends"] or _default_backends()).split(",")]
-    backends = [name for name in backends if name]
-    for name in backends:
-        if name not in BACKENDS:
-            raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if options["chart"] is not None:
-        _check_chart_dependency()
-    for path in (options["json_path"], options["chart"]):
-        if path is not None and not path.parent.is_dir():
-            raise ConfigError(f"cannot write {path}: {path.parent} is not a folder")
-    if options["keep"] is not None:
-        from .storage import check_writable
+        scoreboard.check_chart_dependency()
+    outputs = tuple(p for p in (options["json_path"], options["chart"]) if p is not None)
+    request = comparing.Request(
+        scenario=options["scenario"],
+        backends=options["backends"],
+        count=options["count"],
+        local=options["local"],
+        latency_ms=options["latency_ms"],
+        size=_size(options["size"]),
+        concurrency=options["concurrency"],
+        thumbnail_size=options["thumbnail_size"],
+        python_cpu_ms=options["python_cpu_ms"],
+        repeat=options["repeat"],
+        keep=options["keep"],
+        outputs=outputs,
+        config=(ctx.obj or {}).get("config"),
+    )
 
-        check_writable(options["keep"])
-    rows = run_compare(settings, backends, options["repeat"], options["keep"])
-    print_table(rows, settings, options["scenario"])
-    click.echo(verdict(rows))
+    def progress(scenario: comparing.Scenario | None, run: comparing.Run) -> None:
+        name = f"{scenario.name}: " if scenario else ""
+        click.echo(f"  {name}{run.backend} run {run.repeat + 1}: {run.wall_s:.2f} s", err=True)
+
+    outcomes = comparing.run_plan(comparing.plan(request), progress)
+    for outcome in outcomes:
+        click.echo(scoreboard.render(outcome))
     if options["json_path"] is not None:
-        data = rows_to_json(rows, settings, options["scenario"])
-        options["json_path"].write_text(json.dumps(data, indent=2) + "\n")
+        scoreboard.write_json(outcomes, options["json_path"])
     if options["chart"] is not None:
-        latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
-        title = (
-            f"{options['scenario'] or 'custom'}: {settings.count} x "
-            f"{settings.width}x{settings.height}{latency}"
-        )
-        write_chart(rows, options["chart"], title)
-    failed = sum(run.failed for row in rows for run in row.runs)
-    return EXIT_OK if failed == 0 else EXIT_FAILED
-
-
-def _default_backends() -> str:
-    import importlib.util
-
-    names = ["sync", "threads", "asyncio", "processes", "hybrid"]
-    if importlib.util.find_spec("distributed") is not None:
-        names.append("dask")
-    return ",".join(names)
-
-
-def _first(*values: Any) -> Any:
-    return next((value for value in values if value is not None), None)
-
-
-def _check_chart_dependency() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ConfigError("--chart needs matplotlib: pip install 'downloader[chart]'") from None
+        scoreboard.write_chart(outcomes, options["chart"])
+    return EXIT_OK if not any(outcome.failed for outcome in outcomes) else EXIT_FAILED

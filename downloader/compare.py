@@ -1,38 +1,69 @@
-"""compare: run several backends on one workload and report side by side.
+"""compare: run several backends on one workload and measure them side by side.
 
-Each run is a fresh child process (so CPU seconds and peak RSS are its own) with a fresh
-output folder, against one built-in server in another process (so the server never shares
-a GIL with the run it serves). Runs are interleaved across repeats (A B C, A B C, ...) so
-drift on a noisy machine spreads over every backend instead of punishing one.
+Each run is a fresh child process with a fresh output folder, measured as a whole process
+tree by ``downloader.usage`` (CPU of every process it starts, pool workers and forkserver
+children included; peak of the tree's summed RSS), against one built-in server in another
+process (so the server never shares a GIL, or a CPU count, with the run it serves). Runs
+are interleaved across repeats (A B C, A B C, ...) so drift on a noisy machine spreads over
+every backend instead of punishing one. The output (table, advice, JSON, chart) is
+``scoreboard``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .photos import clean_keywords
-from .settings import Settings, build, coerce, flatten
+from .settings import BACKENDS, Settings, build, coerce, flatten, load_settings
 
-# Presets for the classic question. io: slow network, small images, many connections.
-# cpu: no latency, large images, so the thumbnail stage dominates.
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "io": {"count": 200, "latency_ms": 200.0, "size": (320, 240), "concurrency": 100},
-    "cpu": {"count": 400, "latency_ms": 0.0, "size": (1920, 1080), "concurrency": 8},
+
+@dataclass(frozen=True)
+class Scenario:
+    """A preset for the classic question, and the classic answer to hold it against."""
+
+    name: str
+    count: int
+    latency_ms: float
+    size: tuple[int, int]
+    concurrency: int
+    advised: str  # the backend the classic advice picks
+    advised_for: str  # the advice's own words
+    python_cpu_ms: int = 0
+    executor: str | None = None  # thumbnails.executor; None = the configured one
+
+
+SCENARIOS: dict[str, Scenario] = {
+    # Slow network, small images, many connections.
+    "io": Scenario("io", 200, 200.0, (320, 240), 100, "asyncio", "slow I/O with many connections"),
+    # No latency, large images, so the thumbnail stage (Pillow, which releases the GIL) dominates.
+    "cpu": Scenario("cpu", 400, 0.0, (1920, 1080), 8, "processes", "CPU-bound work"),
+    # Pure-Python work per image that holds the GIL, run where threads and asyncio run the
+    # thumbnail: in a thread (the worker thread, or asyncio's executor).
+    "gil": Scenario(
+        "gil",
+        200,
+        0.0,
+        (320, 240),
+        8,
+        "processes",
+        "CPU-bound work that holds the GIL",
+        python_cpu_ms=20,
+        executor="thread",
+    ),
 }
+ALL = "all"
 
 
 @dataclass
@@ -42,11 +73,12 @@ class Run:
     ok: int
     failed: int
     bytes: int
-    wall_s: float
-    cpu_s: float
-    peak_rss_mb: float
+    wall_s: float  # the pipeline's own wall time (interpreter start-up excluded)
+    cpu_s: float  # every process of the run, start-up included
+    peak_rss_mb: float  # peak of the summed RSS of the run's process tree
     p50_ms: float
     p95_ms: float
+    processes: int = 1  # most processes seen at once in the run's tree
 
 
 @dataclass
@@ -69,6 +101,104 @@ class Row:
     def mb_per_s(self) -> float:
         return self.median("bytes") / 1e6 / self.wall_s if self.wall_s else 0.0
 
+    @property
+    def cpu_ms_per_image(self) -> float:
+        per_run = [run.cpu_s * 1000 / run.ok if run.ok else float("inf") for run in self.runs]
+        return float(statistics.median(per_run))
+
+
+@dataclass(frozen=True)
+class Request:
+    """``download compare``'s options, as given (None: not given)."""
+
+    scenario: str | None = None  # a SCENARIOS name, ALL, or None for a custom workload
+    backends: str | None = None
+    count: int | None = None
+    local: bool = True
+    latency_ms: float | None = None
+    size: tuple[int, int] | None = None
+    concurrency: int | None = None
+    thumbnail_size: int | None = None
+    python_cpu_ms: int | None = None
+    repeat: int = 1
+    keep: Path | None = None
+    outputs: tuple[Path, ...] = ()  # files to be written afterwards (JSON, chart)
+    config: Path | None = None
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario | None
+    settings: Settings
+    rows: list[Row]
+
+    @property
+    def failed(self) -> int:
+        return sum(run.failed for row in self.rows for run in row.runs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    workloads: list[tuple[Scenario | None, Settings]]
+    backends: list[str]
+    repeat: int
+    keep: Path | None
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def plan(request: Request) -> Plan:
+    """Check every option before anything runs; one Settings per scenario."""
+    if request.scenario == ALL:
+        scenarios: list[Scenario | None] = list(SCENARIOS.values())
+    else:
+        scenarios = [SCENARIOS[request.scenario] if request.scenario else None]
+    workloads = [(scenario, _settings(request, scenario)) for scenario in scenarios]
+    backends = [name.strip() for name in (request.backends or default_backends()).split(",")]
+    backends = [name for name in backends if name]
+    for name in backends:
+        if name not in BACKENDS:
+            raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    for path in request.outputs:
+        if not path.parent.is_dir():
+            raise ConfigError(f"cannot write {path}: {path.parent} is not a folder")
+    if request.keep is not None:
+        from .storage import check_writable
+
+        check_writable(request.keep)
+    return Plan(workloads, backends, request.repeat, request.keep)
+
+
+def _settings(request: Request, scenario: Scenario | None) -> Settings:
+    size = request.size or (scenario.size if scenario else None)
+    overrides: dict[str, Any] = {
+        "count": _first(request.count, scenario.count if scenario else 200),
+        "local": request.local,
+        "server.latency_ms": _first(request.latency_ms, scenario.latency_ms if scenario else None),
+        "http.concurrency": _first(request.concurrency, scenario.concurrency if scenario else None),
+        "thumbnails.size": request.thumbnail_size,
+        "thumbnails.python_cpu_ms": _first(
+            request.python_cpu_ms, scenario.python_cpu_ms if scenario else None
+        ),
+        "thumbnails.executor": scenario.executor if scenario else None,
+        "progress": False,
+    }
+    if size is not None:
+        overrides["width"], overrides["height"] = size
+    return load_settings(request.config, overrides=overrides)
+
+
+def default_backends() -> str:
+    names = ["sync", "threads", "asyncio", "processes", "hybrid"]
+    if importlib.util.find_spec("distributed") is not None:
+        names.append("dask")
+    return ",".join(names)
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
 
 # ---------------------------------------------------------------------------- child side
 
@@ -88,65 +218,92 @@ def child_main() -> None:
     from .pipeline import run
 
     report = run(settings_from_json(sys.stdin.read()), keep_results=False)
-    reap_forkserver()
-    # The whole process tree, start-up included: workers' start-up is part of a backend's
-    # cost (the processes backend pays it once per worker).
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    report.cpu_s = sum(u.ru_utime + u.ru_stime for u in usage)
-    report.peak_rss_mb = max(u.ru_maxrss for u in usage) / 1024
-    print(
-        json.dumps(
-            {
-                "ok": report.ok,
-                "failed": report.failed,
-                "bytes": report.bytes,
-                "wall_s": report.wall_s,
-                "cpu_s": report.cpu_s,
-                "peak_rss_mb": report.peak_rss_mb,
-                "p50_ms": report.percentile(50),
-                "p95_ms": report.percentile(95),
-            }
-        )
-    )
+    reap_forkserver()  # its workers' CPU then reaches the measuring process at once
+    numbers = {
+        "ok": report.ok,
+        "failed": report.failed,
+        "bytes": report.bytes,
+        "wall_s": report.wall_s,
+        "p50_ms": report.percentile(50),
+        "p95_ms": report.percentile(95),
+    }
+    print(json.dumps(numbers))
 
 
 # ---------------------------------------------------------------------------- parent side
 
+OnRun = Callable[[Scenario | None, Run], None]
 
-def run_one(settings: Settings, repeat: int) -> Run:
+
+def run_one(settings: Settings, repeat: int, scratch: Path) -> Run:
+    """One run in a fresh process, measured as a tree by ``python -m downloader.usage``."""
+    usage = scratch / f"usage-{settings.backend}-{repeat}.json"
+    usage.unlink(missing_ok=True)
+    wrapper = [sys.executable, "-m", "downloader.usage", "--report", str(usage), "--"]
     proc = subprocess.run(
-        [sys.executable, "-m", "downloader.compare"],
+        [*wrapper, sys.executable, "-m", "downloader.compare"],
         input=settings_to_json(settings),
         capture_output=True,
         text=True,
         check=False,
     )
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not usage.exists():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"{settings.backend} run failed: {last}")
-    return Run(settings.backend, repeat, **json.loads(proc.stdout.strip().splitlines()[-1]))
+    tree = json.loads(usage.read_text())
+    numbers = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Run(
+        settings.backend,
+        repeat,
+        cpu_s=tree["cpu_s"],
+        peak_rss_mb=tree["tree_rss_mb"],
+        processes=tree["procs"],
+        **numbers,
+    )
 
 
 def warm_server(base_url: str, settings: Settings) -> None:
     """Render every photo of the pool once, so the first backend measured does not pay
     for the server's cache."""
-    keywords = clean_keywords(settings.keywords)
-    query = "?" + urllib.parse.urlencode({"keywords": keywords}) if keywords else ""
-    tone = "g" if settings.gray else "c"
     for photo in range(settings.server.pool_size):
-        name = f"{photo}_{tone}_{settings.width}_{settings.height}_nofilter.jpg{query}"
+        name = f"{photo}_c_{settings.width}_{settings.height}_nofilter.jpg"
         with urllib.request.urlopen(f"{base_url}/cache/resized/{name}", timeout=60) as resp:
             resp.read()
 
 
+def run_plan(plan: Plan, on_run: OnRun | None = None) -> list[Outcome]:
+    """Every workload of ``plan``, one after another."""
+    outcomes = []
+    for scenario, settings in plan.workloads:
+        keep = plan.keep
+        if keep is not None and len(plan.workloads) > 1 and scenario is not None:
+            keep = keep / scenario.name
+
+        def tell(run: Run, scenario: Scenario | None = scenario) -> None:
+            if on_run is not None:
+                on_run(scenario, run)
+
+        rows = compare(settings, plan.backends, plan.repeat, keep, tell)
+        outcomes.append(Outcome(scenario, settings, rows))
+    return outcomes
+
+
 def compare(
-    settings: Settings, backends: list[str], repeat: int, out_root: Path | None = None
+    settings: Settings,
+    backends: list[str],
+    repeat: int,
+    out_root: Path | None = None,
+    on_run: Callable[[Run], None] | None = None,
 ) -> list[Row]:
     """Run each backend ``repeat`` times on ``settings``' workload; rows in input order."""
     from .pipeline import template_for
 
     rows = {name: Row(name) for name in backends}
-    with _out_root(out_root) as root, _local_server(settings) as base_url:
+    with (
+        tempfile.TemporaryDirectory(prefix="downloader-compare-") as scratch,
+        _out_root(out_root, Path(scratch)) as root,
+        _local_server(settings) as base_url,
+    ):
         if base_url is not None:
             warm_server(base_url, settings)
         url = template_for(settings, base_url).text
@@ -156,7 +313,10 @@ def compare(
                 run_settings = settings.replace(
                     backend=name, out=out, local=False, progress=False, url=url
                 )
-                rows[name].runs.append(run_one(run_settings, r))
+                run = run_one(run_settings, r, Path(scratch))
+                rows[name].runs.append(run)
+                if on_run is not None:
+                    on_run(run)
     return list(rows.values())
 
 
@@ -172,100 +332,13 @@ def _local_server(settings: Settings) -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
-def _out_root(out_root: Path | None) -> Iterator[Path]:
+def _out_root(out_root: Path | None, scratch: Path) -> Iterator[Path]:
     if out_root is not None:
         out_root.mkdir(parents=True, exist_ok=True)
         yield out_root
         return
-    with tempfile.TemporaryDirectory(prefix="downloader-compare-") as name:
-        yield Path(name)
-
-
-# ---------------------------------------------------------------------------- output
-
-
-def rows_to_json(rows: list[Row], settings: Settings, scenario: str | None) -> dict[str, Any]:
-    return {
-        "scenario": scenario,
-        "count": settings.count,
-        "size": f"{settings.width}x{settings.height}",
-        "latency_ms": settings.server.latency_ms if settings.local else None,
-        "concurrency": settings.http.concurrency,
-        "thumbnail_size": settings.thumbnails.size,
-        "backends": {
-            row.backend: {
-                "wall_s_median": row.wall_s,
-                "images_per_s": row.images_per_s,
-                "mb_per_s": row.mb_per_s,
-                "runs": [dataclasses.asdict(run) for run in row.runs],
-            }
-            for row in rows
-        },
-    }
-
-
-def print_table(rows: list[Row], settings: Settings, scenario: str | None) -> None:
-    """The side-by-side table, on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    fastest = min(row.wall_s for row in rows)
-    latency = f", {settings.server.latency_ms:g} ms latency" if settings.local else ""
-    table = Table(
-        title=f"{scenario or 'custom'}: {settings.count} images of {settings.width}x"
-        f"{settings.height}{latency}, concurrency {settings.http.concurrency}, "
-        f"thumbnails {settings.thumbnails.size or 'off'}",
-    )
-    for column in (
-        "backend", "wall s", "images/s", "MB/s", "p50 ms", "p95 ms",
-        "CPU s", "peak RSS MB", "failed", "vs fastest",
-    ):  # fmt: skip
-        table.add_column(column, justify="left" if column == "backend" else "right")
-    for row in rows:
-        table.add_row(
-            row.backend,
-            f"{row.wall_s:.2f}",
-            f"{row.images_per_s:.1f}",
-            f"{row.mb_per_s:.2f}",
-            f"{row.median('p50_ms'):.0f}",
-            f"{row.median('p95_ms'):.0f}",
-            f"{row.median('cpu_s'):.2f}",
-            f"{row.median('peak_rss_mb'):.0f}",
-            str(sum(run.failed for run in row.runs)),
-            f"{row.wall_s / fastest:.2f}x",
-        )
-    Console(width=120).print(table)
-
-
-def verdict(rows: list[Row]) -> str:
-    ranked = sorted(rows, key=lambda row: row.wall_s)
-    if len(ranked) < 2:
-        return f"{ranked[0].backend}: {ranked[0].wall_s:.2f} s"
-    best, second, worst = ranked[0], ranked[1], ranked[-1]
-    text = f"{best.backend} won: {second.wall_s / best.wall_s:.2f}x faster than {second.backend}"
-    if worst is not second:
-        text += f", {worst.wall_s / best.wall_s:.2f}x faster than {worst.backend}"
-    return text
-
-
-def write_chart(rows: list[Row], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--chart needs matplotlib: pip install 'downloader[chart]'") from None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [row.backend for row in rows]
-    ax.bar(names, [row.images_per_s for row in rows], color="#4c72b0")
-    ax.set_ylabel("images/s (median)")
-    ax.set_title(title)
-    for i, row in enumerate(rows):
-        ax.annotate(f"{row.images_per_s:.0f}", (i, row.images_per_s), ha="center", va="bottom")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    (scratch / "runs").mkdir()
+    yield scratch / "runs"
 
 
 if __name__ == "__main__":

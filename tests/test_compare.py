@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +17,15 @@ from click.testing import CliRunner
 
 from downloader import busywork
 from downloader.cli import main
-from downloader.compare import Row, Run, settings_from_json, settings_to_json, verdict
+from downloader.compare import (
+    SCENARIOS,
+    Row,
+    Run,
+    default_backends,
+    settings_from_json,
+    settings_to_json,
+)
+from downloader.scoreboard import advice, verdict
 from downloader.server import render_photo
 from downloader.settings import Settings, ThumbnailSettings
 from downloader.thumbnails import inspect_image
@@ -142,3 +152,85 @@ def test_the_python_stage_runs_after_the_thumbnail_and_pickles(
     assert pickle.loads(pickle.dumps(staged))(data) == plain(data) == inspect_image(data, 128)
     assert burnt == [7]  # the unpickled copy ran it; the plain stage did not
     assert busywork.steps_for(0) == 0 < busywork.steps_for(1) < busywork.steps_for(2)
+
+
+FORKSERVER_WORK = """\
+import multiprocessing, sys, time
+from downloader import busywork
+
+def work():
+    busywork.burn(300)
+    return time.process_time()
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        print(pool.apply(work))
+"""
+
+
+def test_usage_counts_the_cpu_of_forkserver_children(tmp_path: Path) -> None:
+    """A pool worker forked by the forkserver is not a child of the command, and the
+    forkserver outlives it: rusage of the command alone leaves the worker out."""
+    script = tmp_path / "work.py"
+    script.write_text(FORKSERVER_WORK)
+    report = tmp_path / "usage.json"
+    wrapper = [sys.executable, "-m", "downloader.usage", "--report", str(report), "--"]
+    proc = subprocess.run(
+        [*wrapper, sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    worker_cpu = float(proc.stdout.strip())
+    tree = json.loads(report.read_text())
+    assert tree["cpu_s"] >= worker_cpu > 0
+    assert tree["procs"] >= 3  # the command, the forkserver and the worker, seen at once
+    assert tree["tree_rss_mb"] > tree["main_rss_mb"] > 0
+
+
+def test_usage_passes_the_exit_code_and_rejects_no_command(tmp_path: Path) -> None:
+    report = tmp_path / "usage.json"
+    wrapper = [sys.executable, "-m", "downloader.usage", "--report", str(report)]
+    fails = subprocess.run([*wrapper, "--", sys.executable, "-c", "raise SystemExit(3)"])
+    assert fails.returncode == 3 and json.loads(report.read_text())["returncode"] == 3
+    empty = subprocess.run([*wrapper, "--"], capture_output=True, text=True)
+    assert empty.returncode == 2 and "no command" in empty.stderr
+
+
+def test_compare_gil_scenario_runs_every_backend_and_holds_the_advice(tmp_path: Path) -> None:
+    out_json = tmp_path / "gil.json"
+    args = ["--scenario", "gil", "-n", "4", "--concurrency", "2", "--python-cpu-ms", "2"]
+    result = CliRunner().invoke(main, ["compare", *args, "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("classic advice: "))
+    assert line.startswith("classic advice: processes for CPU-bound work that holds the GIL; ")
+    assert "measured winner: " in line
+    assert "CPU ms/img" in result.output and "pure-Python" in result.output
+    data = json.loads(out_json.read_text())
+    assert set(data["backends"]) == set(default_backends().split(","))
+    assert data["python_cpu_ms"] == 2 and data["thumbnail_executor"] == "thread"
+    assert data["advice"]["line"] == line and data["advice"]["advised"] == "processes"
+    for numbers in data["backends"].values():
+        assert numbers["cpu_ms_per_image"] > 0
+        assert [run["ok"] for run in numbers["runs"]] == [4]
+    # The pool backends' trees are measured: their workers count too.
+    assert data["backends"]["hybrid"]["runs"][0]["processes"] >= 3
+
+
+def test_advice_line_names_the_advised_backend_the_winner_and_sync() -> None:
+    def row(name: str, wall: float) -> Row:
+        return Row(name, [Run(name, 0, 100, 0, 1000, wall, 1.0, 50.0, 1.0, 2.0)])
+
+    io = SCENARIOS["io"]
+    rows = [row("sync", 37.0), row("asyncio", 1.02), row("hybrid", 1.0)]
+    assert advice(rows, io) == (
+        "classic advice: asyncio for slow I/O with many connections; measured winner: "
+        "hybrid, 1.02x asyncio (a tie, within noise), 37x sync"
+    )
+    rows = [row("sync", 4.0), row("threads", 3.8), row("processes", 2.0)]
+    assert advice(rows, SCENARIOS["gil"]).endswith(
+        "measured winner: processes (as advised), 1.90x threads (next), 2.00x sync"
+    )
+    assert "asyncio not run" in advice([row("sync", 2.0), row("threads", 1.0)], io)
