@@ -9,6 +9,7 @@ from .errors import (
     DownloaderError,
     FetchError,
     InvalidImageError,
+    OutputInUseError,
     RetryableFetchError,
     StorageError,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "FetchError",
     "HttpSettings",
     "InvalidImageError",
+    "OutputInUseError",
     "Report",
     "Result",
     "RetryableFetchError",

@@ -46,3 +46,17 @@ class InvalidImageError(FetchError):
 
 class StorageError(DownloaderError):
     """OUT cannot be written."""
+
+
+class OutputInUseError(StorageError):
+    """Another run holds OUT's lock (``OUT/.downloader.lock``). ``pid``: that run's, when
+    it could be read."""
+
+    def __init__(self, out: object, pid: int | None = None) -> None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(f"{out} is in use by another download ({who})")
+        self.out = str(out)
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[type[OutputInUseError], tuple[str, int | None]]:
+        return (type(self), (self.out, self.pid))

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .backends import Backend, Emit, get_backend
 from .jobs import Job, JobSource, Template, UrlList
+from .lock import OutputLock
 from .result import DUPLICATE, Report, Result
 from .settings import Settings
 from .storage import ManifestWriter, prepare_out, read_manifest, still_valid, sweep_temps
@@ -69,8 +70,9 @@ def _source(settings: Settings) -> Iterator[JobSource]:
 
 def run(settings: Settings, observer: Observer | None = None, keep_results: bool = True) -> Report:
     """Download what ``settings`` asks for. Raises ``ConfigError``/``StorageError`` for bad
-    settings; per-image failures are in the report, never raised. Ctrl-C or SIGTERM stops
-    the run cleanly: the report says ``interrupted``."""
+    settings (``OutputInUseError`` when another run holds OUT); per-image failures are in
+    the report, never raised. Ctrl-C or SIGTERM stops the run cleanly: the report says
+    ``interrupted``."""
     if settings.local and settings.http.block_private:
         # Every URL of a local run points at its own built-in server, on loopback.
         settings = settings.replace(http=dataclasses.replace(settings.http, block_private=False))
@@ -79,6 +81,13 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     prepare = getattr(backend, "prepare", None)
     if prepare is not None:
         prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
+    with OutputLock(settings.out):  # one run per OUT: a second one stops here, OUT untouched
+        return _run_locked(backend, settings, observer, keep_results)
+
+
+def _run_locked(
+    backend: Backend, settings: Settings, observer: Observer | None, keep_results: bool
+) -> Report:
     prepare_out(settings.out)
     report = Report(backend.name)
     interrupts = _Interrupts()

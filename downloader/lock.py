@@ -1,0 +1,101 @@
+"""One run per output folder: ``OUT/.downloader.lock``, held with ``flock`` for a run's life.
+
+The kernel drops an ``flock`` when its process dies, however it dies, so ``kill -9`` leaves
+no stale lock to clean up. The file holds the pid of the run that has it, for the message
+a second run prints. It is never removed: removing it would let two runs lock two
+different files under one name (one opened the old file just before it went away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .errors import OutputInUseError, StorageError
+
+LOCK = ".downloader.lock"
+_PID_WAIT_S = 0.2  # a run that has just locked writes its pid right after: wait that long
+
+
+class OutputLock:
+    """``with OutputLock(out):`` creates OUT if needed and holds its lock, or raises
+    ``OutputInUseError`` at once (nothing in OUT touched) when another run holds it.
+    A second ``OutputLock`` on the same OUT in the same process is refused as well."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise StorageError(f"output folder {out} exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write to output folder {out}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise OutputInUseError(out, pid) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot lock output folder {out}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # the pid is only for a message
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def holder(out: Path) -> int | None:
+    """The pid of the run holding OUT's lock (0 if it has not written it yet), or None
+    when no run holds it. Never creates anything."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd) or 0
+    finally:
+        os.close(fd)  # also drops the shared lock, if it was granted
+    return None
+
+
+def _read_pid(fd: int) -> int | None:
+    deadline = time.monotonic() + _PID_WAIT_S
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            return int(os.pread(fd, 32, 0).decode("ascii").strip())
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
