@@ -12,6 +12,7 @@ from .errors import (
     OutputInUseError,
     RetryableFetchError,
     StorageError,
+    StorageFaultError,
 )
 from .result import Report, Result
 from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings, load_settings
@@ -29,6 +30,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StorageError",
+    "StorageFaultError",
     "ThumbnailSettings",
     "download",
     "load_settings",

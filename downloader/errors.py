@@ -6,6 +6,8 @@ Per-URL failures never escape a backend: they become a ``Result`` whose ``error`
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DownloaderError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -60,3 +62,19 @@ class OutputInUseError(StorageError):
 
     def __reduce__(self) -> tuple[type[OutputInUseError], tuple[str, int | None]]:
         return (type(self), (self.out, self.pid))
+
+
+class StorageFaultError(StorageError):
+    """OUT stopped being writable mid-run (no space, quota, read-only, I/O error, the
+    folder gone): every later image would fail as well, so the run stopped. The message
+    names the cause and the way on. ``lost``: results whose manifest lines could not be
+    written (their files were removed: ``--resume`` fetches them again). ``report``: the
+    run's complete report, when ``download()`` raises it."""
+
+    def __init__(self, message: str, lost: tuple[Any, ...] = (), report: Any = None) -> None:
+        super().__init__(message)
+        self.lost = lost
+        self.report = report
+
+    def __reduce__(self) -> tuple[type[StorageFaultError], tuple[str, tuple[Any, ...], Any]]:
+        return (type(self), (str(self), self.lost, self.report))

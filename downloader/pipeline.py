@@ -18,9 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 from .backends import Backend, Emit, get_backend
 from .jobs import Job, JobSource, Template, UrlList
 from .lock import OutputLock
+from .manifest import ManifestWriter, read_manifest, still_valid
 from .result import DUPLICATE, Report, Result
 from .settings import Settings
-from .storage import ManifestWriter, prepare_out, read_manifest, still_valid, sweep_temps
+from .storage import prepare_out, sweep_temps
 
 
 class Observer(Protocol):
@@ -103,7 +104,10 @@ def _run_locked(
         report.skipped = len(kept)
         if observer is not None:
             observer.start(_count_to_run(settings, kept, rerun), len(kept))
-        with ManifestWriter(settings.out, iter([*carried.values(), *kept.values()])) as manifest:
+        # The old lines of what runs again stay until replaced: an interrupted re-run
+        # leaves every index it did not reach with the line it had.
+        stale = [r for i, r in records.items() if i not in kept and i not in carried]
+        with ManifestWriter(settings.out, [*carried.values(), *kept.values()], stale) as manifest:
 
             def emit(result: Result) -> None:
                 # Ctrl-C waits until the result is recorded: no file without its line.

@@ -8,23 +8,19 @@ renamed with ``os.replace``, so a killed run leaves no partial image or thumbnai
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import json
 import os
 import re
 import string
-import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 import aiofiles.os
 
 from .errors import ConfigError, StorageError
-from .result import Result
 
 MANIFEST = "manifest.jsonl"
 THUMBS = "thumbnails"
@@ -187,121 +183,31 @@ def sweep_temps(out: Path) -> None:
                     Path(entry.path).unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------- manifest
+# ---------------------------------------------------------------------------- faults
+
+# errno -> (what happened, what the user does about it): faults that hit every later write.
+_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota"),
+    errno.EROFS: ("read-only file system", "make it writable again"),
+    errno.EIO: ("I/O error", "check the disk"),
+    errno.EACCES: ("permission denied", "make it writable again"),
+    errno.EPERM: ("permission denied", "make it writable again"),
+}
+RESUME_HINT = "then run the same command with --resume"
 
 
-def read_manifest(out: Path) -> dict[int, Result]:
-    """The last valid record for each index; torn or invalid lines are ignored."""
-    records: dict[int, Result] = {}
-    path = out / MANIFEST
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                result = Result.from_record(json.loads(line))
-            except (ValueError, TypeError, AttributeError):
-                continue
-            if _plausible(result):
-                records[result.index] = result
-    return records
+def storage_fault(exc: OSError, out: Path) -> str | None:
+    """One line naming the cause and the way on, when ``exc`` (raised writing under OUT)
+    will hit every later image as well; None when it concerns this image only.
 
-
-def _plausible(result: Result) -> bool:
-    """A record we may act on: right types, and paths that stay inside OUT (a manifest is
-    input too: an edited one must not make --resume read ``../../etc``)."""
-    if not isinstance(result.index, int) or not isinstance(result.url, str):
-        return False
-    if result.path is not None and not _is_component(result.path):
-        return False
-    thumb = result.thumbnail
-    if thumb is not None and not (
-        isinstance(thumb, str)
-        and thumb.startswith(f"{THUMBS}/")
-        and _is_component(thumb[len(THUMBS) + 1 :])
-    ):
-        return False
-    return result.sha256 is None or isinstance(result.sha256, str)
-
-
-def _is_component(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and bool(name)
-        and "/" not in name
-        and "\\" not in name
-        and not name.startswith(".")
-    )
-
-
-def still_valid(out: Path, result: Result) -> bool:
-    """An ok record whose file (and thumbnail) is on disk with the recorded sha256."""
-    if not result.ok or not result.path or not result.sha256:
-        return False
-    try:
-        data = (out / result.path).read_bytes()
-    except OSError:
-        return False
-    if sha256(data) != result.sha256:
-        return False
-    return result.thumbnail is None or (out / result.thumbnail).is_file()
-
-
-class ManifestWriter:
-    """Appends one JSON line per result, flushed at most ``FLUSH_EVERY`` seconds after it
-    is written and at close, so a crash loses at most that much (a torn line is skipped
-    by ``read_manifest``, and ``--resume`` fetches what has no line). A flush per line cost
-    ~11% of the asyncio event loop's time at 250 images/s (profiled)."""
-
-    FLUSH_EVERY = 0.2
-
-    def __init__(self, out: Path, keep: Iterator[Result] | None = None) -> None:
-        # Start from the records we keep (resume) in a fresh file, swapped in atomically,
-        # so the manifest never holds two lines for one index. The swap waits for the first
-        # result (or a clean close): a run that fails to start (a Dask scheduler that
-        # cannot be reached) leaves the previous manifest as it was.
-        self._path = out / MANIFEST
-        if self._path.is_dir():
-            raise StorageError(f"cannot write the manifest {self._path}: it is a folder")
-        self._tmp: Path | None = temp_path(self._path)
-        try:
-            self._fh: IO[str] = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - close()
-            for result in keep or ():
-                self._fh.write(_line(result))
-        except OSError as exc:
-            self._tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write the manifest {self._path}: {exc.strerror}") from None
-        self._flushed = time.monotonic()
-
-    def _swap(self) -> None:
-        if self._tmp is not None:
-            self._fh.flush()
-            os.replace(self._tmp, self._path)  # the open handle now appends to the manifest
-            self._tmp = None
-
-    def write(self, result: Result) -> None:
-        self._swap()
-        self._fh.write(_line(result))
-        now = time.monotonic()
-        if now - self._flushed >= self.FLUSH_EVERY:
-            self._fh.flush()
-            self._flushed = now
-
-    def close(self, commit: bool = True) -> None:
-        if self._fh.closed:
-            return
-        if commit:
-            self._swap()
-        self._fh.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ManifestWriter:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
-        self.close(commit=kind is None)
-
-
-def _line(result: Result) -> str:
-    return json.dumps(result.to_record(), ensure_ascii=False, separators=(",", ":")) + "\n"
+    Our names are fresh and safe, so a missing folder or a refused permission is about
+    OUT itself, not about the image."""
+    if exc.errno in _FAULTS:
+        cause, fix = _FAULTS[exc.errno]
+        return f"{cause} writing {out}: {fix}, {RESUME_HINT}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        gone = out if not out.is_dir() else out / THUMBS
+        if not gone.is_dir():
+            return f"the output folder {gone} was removed: {RESUME_HINT}"
+    return None

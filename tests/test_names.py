@@ -12,12 +12,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from downloader import storage
+from downloader.manifest import ManifestWriter, read_manifest
 from downloader.result import Result
 from downloader.storage import (
     MANIFEST,
     MAX_STEM,
     TEMP_SUFFIX,
-    read_manifest,
     safe_name,
     safe_stem,
     write_atomic,
@@ -288,7 +288,7 @@ def test_read_manifest_ignores_unknown_fields(tmp_path: Path) -> None:
 
 def test_manifest_writer_round_trip(tmp_path: Path) -> None:
     results = [Result(**record(i)) for i in range(3)]  # type: ignore[arg-type]
-    with storage.ManifestWriter(tmp_path, keep=iter(results[:1])) as writer:
+    with ManifestWriter(tmp_path, keep=iter(results[:1])) as writer:
         for result in results[1:]:
             writer.write(result)
     assert read_manifest(tmp_path) == dict(enumerate(results))

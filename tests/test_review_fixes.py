@@ -20,11 +20,13 @@ from downloader import ConfigError, download
 from downloader.cli import main
 from downloader.errors import RetryableFetchError
 from downloader.fetch import check_declared_length, fetch_sync, new_session, parse_retry_after
+from downloader.lock import LOCK
+from downloader.manifest import ManifestWriter, read_manifest
 from downloader.pipeline import run
 from downloader.result import Result
 from downloader.server import make_app, server_thread
 from downloader.settings import HttpSettings, ServerSettings
-from downloader.storage import MANIFEST, ManifestWriter, prepare_out, read_manifest
+from downloader.storage import MANIFEST, prepare_out
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -225,7 +227,7 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
         timer.cancel()
     assert report.interrupted
     recorded = {r.path for r in read_manifest(out).values() if r.ok}
-    on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST}
+    on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name not in (MANIFEST, LOCK)}
     assert on_disk == recorded
 
 

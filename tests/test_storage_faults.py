@@ -8,13 +8,16 @@ code, the one line on stderr, what the server was asked, what is on disk), never
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -24,9 +27,11 @@ import pytest
 from aiohttp import web
 from conftest import ImageServer, jpeg, make_settings
 
-from downloader import OutputInUseError
+from downloader import OutputInUseError, StorageFaultError
 from downloader.lock import LOCK, OutputLock, holder
+from downloader.manifest import ManifestWriter
 from downloader.pipeline import run
+from downloader.result import Result
 from downloader.server import make_app, server_thread
 from downloader.settings import ServerSettings
 from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256
@@ -101,20 +106,26 @@ def cli_args(base_url: str, out: Path, count: int, backend: str = "asyncio") -> 
 
 
 class Gate:
-    """``/gate/{i}``: images from index ``after`` on wait until ``release()``, so a run
-    stays mid-way for as long as a test needs, whatever the machine's speed."""
+    """``/gate/{i}``: images from index ``after`` on wait until ``open`` is set, so a run
+    stays mid-way for as long as a test needs, whatever the machine's speed. Indices in
+    ``fail`` answer 503 (with ``--retries 0``, a failed image). Counts every request."""
 
-    def __init__(self, after: int) -> None:
+    def __init__(self, after: int, fail: frozenset[int] = frozenset()) -> None:
         self.after = after
+        self.fail = fail
         self.open = threading.Event()
+        self.hits: Counter[int] = Counter()
 
     def app(self) -> web.Application:
         app = make_app(ServerSettings(seed=1))
 
         async def image(request: web.Request) -> web.Response:
             index = int(request.match_info["i"])
+            self.hits[index] += 1
             while index >= self.after and not self.open.is_set():
                 await asyncio.sleep(0.01)
+            if index in self.fail:
+                raise web.HTTPServiceUnavailable()
             return web.Response(body=jpeg(index % 5, (64, 48)), content_type="image/jpeg")
 
         app.router.add_get("/gate/{i}", image)
@@ -165,9 +176,7 @@ def assert_consistent(out: Path) -> dict[int, dict[str, Any]]:
 # ---------------------------------------------------------------------------- 1. the lock
 
 
-def test_a_second_run_on_one_out_exits_2_at_once(
-    gate: tuple[Gate, str], tmp_path: Path
-) -> None:
+def test_a_second_run_on_one_out_exits_2_at_once(gate: tuple[Gate, str], tmp_path: Path) -> None:
     state, url = gate
     out = tmp_path / "pic"
     count = 12
@@ -215,19 +224,132 @@ def test_the_python_api_raises_a_typed_error_and_touches_nothing(
     assert run(settings).ok == 3  # released: the next run goes ahead
 
 
-def test_a_run_killed_with_9_does_not_block_the_next(tmp_path: Path) -> None:
+def test_a_run_killed_with_9_does_not_block_the_next(
+    gate: tuple[Gate, str], tmp_path: Path
+) -> None:
+    state, url = gate
     out = tmp_path / "pic"
-    count = 40
-    with server_thread(make_app(ServerSettings(seed=4, latency_ms=40))) as server:
-        args = cli_args(server.base_url, out, count, backend="processes")
-        with launched(args, tmp_path) as proc:
-            wait_until(lambda: len(lines_of(out)) >= 4, "4 manifest lines", proc)
-            assert holder(out) == proc.pid
-            os.kill(proc.pid, signal.SIGKILL)  # its pool workers may live on a moment
-            proc.wait(timeout=30)
-        assert holder(out) is None
-        resumed = run_cli([*args, "--resume"], tmp_path)
+    count = 12
+    args = ["--backend", "processes", "--concurrency", "2", "-n", str(count), "--url", url]
+    args += ["--out", str(out), "-q"]
+    with launched(args, tmp_path) as proc:
+        wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+        assert holder(out) == proc.pid
+        os.kill(proc.pid, signal.SIGKILL)  # its pool workers may live on a moment
+        proc.wait(timeout=30)
+    assert holder(out) is None
+    state.open.set()
+    resumed = run_cli([*args, "--resume"], tmp_path)
 
     assert resumed.returncode == 0, resumed.stderr
-    lines = assert_consistent(out)
-    assert sorted(lines) == list(range(count))
+    assert sorted(assert_consistent(out)) == list(range(count))
+
+
+# ---------------------------------------------------------------------------- 2. whole lines
+
+
+def ok_result(out: Path, index: int) -> Result:
+    """An ok Result whose image file is on disk, as a backend hands it over."""
+    name = f"{index:06d}.jpg"
+    data = jpeg(index, (32, 24))
+    (out / name).write_bytes(data)
+    return Result(index=index, url=f"http://h/{index}", status="ok", path=name, bytes=len(data),
+                  sha256=sha256(data))  # fmt: skip
+
+
+CAUSES = {errno.ENOSPC: "no space left on device", errno.EIO: "I/O error",
+          errno.EROFS: "read-only file system"}  # fmt: skip
+FIXES = {errno.ENOSPC: "free some space", errno.EIO: "check the disk",
+         errno.EROFS: "make it writable again"}  # fmt: skip
+RESUME = "then run the same command with --resume"
+
+
+class FailingWrite:
+    """``os.write`` for the manifest that lands ``room`` more bytes, then fails with
+    ``errno``: a disk that fills up (a short write first) or breaks mid-line."""
+
+    def __init__(self, room: int, code: int) -> None:
+        self.room = room
+        self.code = code
+        self.real = os.write
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if self.room <= 0:
+            raise OSError(self.code, os.strerror(self.code))
+        done = self.real(fd, bytes(data[: self.room]))
+        self.room -= done
+        return done
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EROFS])
+def test_a_failed_manifest_write_leaves_whole_lines_and_no_unlisted_file(
+    code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ManifestWriter(tmp_path)
+    for index in range(3):
+        writer.write(ok_result(tmp_path, index))
+    torn = ok_result(tmp_path, 3)
+    # Half a line lands (a disk filling up writes short first), then the write fails.
+    monkeypatch.setattr("downloader.manifest.os.write", FailingWrite(100, code))
+    with pytest.raises(StorageFaultError) as caught:
+        writer.write(torn)
+    monkeypatch.undo()
+
+    assert str(caught.value) == f"{CAUSES[code]} writing {tmp_path}: {FIXES[code]}, {RESUME}"
+    assert caught.value.lost == (torn,)
+    assert sorted(assert_consistent(tmp_path)) == [0, 1, 2]  # image 3 is gone with its line
+    # Once failed, the writer records nothing more, and removes what it is given.
+    late = ok_result(tmp_path, 4)
+    with pytest.raises(StorageFaultError) as again:
+        writer.write(late)
+    assert again.value.lost == (late,)
+    writer.close()
+    assert sorted(assert_consistent(tmp_path)) == [0, 1, 2]
+
+
+def test_a_manifest_that_cannot_be_swapped_in_is_a_fault(tmp_path: Path) -> None:
+    out = tmp_path / "pic"
+    out.mkdir()
+    writer = ManifestWriter(out)
+    result = ok_result(out, 0)
+    shutil.rmtree(out)
+    with pytest.raises(StorageFaultError, match=f"the output folder {out} was removed"):
+        writer.write(result)
+    writer.close()
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- 3. re-runs
+
+
+def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
+    count = 60
+    failing = frozenset(range(1, count, 3))  # 20 images that fail on every attempt
+    state = Gate(after=count, fail=failing)
+    out = tmp_path / "pic"
+    with server_thread(state.app()) as server:
+        url = server.base_url + "/gate/{i}"
+        args = ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
+        assert run_cli(args, tmp_path).returncode == 1
+        before = manifest(out)
+        assert {i for i, line in before.items() if line["status"] != "ok"} == failing
+
+        # Re-run: the first 4 failed images answer at once, the rest hang until Ctrl-C.
+        state.after = sorted(failing)[4]
+        with launched([*args, "--retry-failed", "--concurrency", "2"], tmp_path) as proc:
+            wait_until(lambda: len(lines_of(out)) >= count + 4, "4 lines re-run", proc)
+            os.kill(proc.pid, signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (stdout, stderr)
+        interrupted = assert_consistent(out)
+        assert sorted(interrupted) == list(range(count))
+        # Every index keeps a line: a new one, or the one it had before.
+        assert {i: line["status"] for i, line in interrupted.items()} == {
+            i: line["status"] for i, line in before.items()
+        }
+
+        state.open.set()
+        hits = state.hits.copy()
+        assert run_cli([*args, "--retry-failed"], tmp_path).returncode == 1
+        assert {i for i in range(count) if state.hits[i] > hits[i]} == failing
+    assert sorted(assert_consistent(out)) == list(range(count))
