@@ -36,7 +36,9 @@ class OutputLock:
             raise StorageError(f"output folder {out} exists and is not a folder")
         try:
             out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Held read-only: a file open for writing would keep the file system from
+            # being remounted read-only (EBUSY) for the run's whole life.
+            fd = os.open(out / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageError(
                 f"cannot write to output folder {out}: {exc.strerror or exc}"
@@ -50,17 +52,22 @@ class OutputLock:
         except OSError as exc:
             os.close(fd)
             raise StorageError(f"cannot lock output folder {out}: {exc.strerror}") from None
-        with contextlib.suppress(OSError):  # the pid is only for a message
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._write_pid(f"{os.getpid()}\n")
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            self._write_pid("")
             os.close(self._fd)  # drops the flock
             self._fd = None
+
+    def _write_pid(self, text: str) -> None:
+        with contextlib.suppress(OSError):  # the pid is only for a message
+            fd = os.open(self.out / LOCK, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> OutputLock:
         self.acquire()
