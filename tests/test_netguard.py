@@ -197,6 +197,7 @@ def fetch(
         session.trust_env = False
         adapter = GuardedAdapter(max_retries=0, resolve=resolve, check=check)
         session.mount("http://", adapter)
+        session.mount("https://", adapter)
         with session:
             return fetch_sync(session, url, HTTP, sleep=lambda _: None)
 
@@ -246,22 +247,48 @@ def test_an_ip_literal_host_is_refused_without_the_resolver(
     assert hits == []
 
 
+def fetch_as_configured(shell: str, url: str) -> None:
+    """``url`` through the client ``new_session``/``new_client`` build with block_private."""
+    http = HttpSettings(retries=2, block_private=True, backoff=0.01, max_backoff=0.05)
+    if shell == "requests":
+        with new_session(http) as session:
+            fetch_sync(session, url, http)
+        return
+
+    async def go() -> None:
+        async with new_client(Settings(http=http)) as session:
+            await fetch_async(session, url, http)
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("shell", SHELLS)
-def test_a_real_name_resolving_to_loopback_is_refused(shell: str, origin: Origin) -> None:
+def test_a_real_name_resolving_to_loopback_is_refused(
+    shell: str, origin: Origin, hits: list[str]
+) -> None:
     """The shells' own resolvers (not injected): ``localhost`` comes from /etc/hosts."""
-    http = HttpSettings(retries=2, block_private=True, backoff=0.01)
-    url = f"http://localhost:{origin.port}/img"
     with pytest.raises(AddressRefusedError, match=r"^refused: localhost: .* loopback"):
-        if shell == "requests":
-            with new_session(http) as session:
-                fetch_sync(session, url, http)
-        else:
+        fetch_as_configured(shell, f"http://localhost:{origin.port}/img")
+    assert hits == []
 
-            async def go() -> None:
-                async with new_client(Settings(http=http)) as session:
-                    await fetch_async(session, url, http)
 
-            asyncio.run(go())
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1"])
+def test_legacy_numeric_forms_of_loopback_are_refused(
+    shell: str, host: str, origin: Origin, hits: list[str]
+) -> None:
+    """Forms ``getaddrinfo`` turns into 127.0.0.1: refused after resolution (or, by newer
+    aiohttp, as URLs it will not use), never retried, never connected."""
+    with pytest.raises(FetchError) as caught:
+        fetch_as_configured(shell, f"http://{host}:{origin.port}/img")
+    assert caught.value.attempts == 1
+    assert hits == []
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_https_is_refused_before_any_handshake(shell: str) -> None:
+    with pytest.raises(AddressRefusedError, match=r"^refused: ten\.test: 10\.0\.0\.5 is a"):
+        fetch(shell, "https://ten.test/img", NAMES)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
