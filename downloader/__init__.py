@@ -16,6 +16,7 @@ from .errors import (
 )
 from .result import Report, Result
 from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings, load_settings
+from .stop import StopToken
 
 __all__ = [
     "ConfigError",
@@ -29,6 +30,7 @@ __all__ = [
     "RetryableFetchError",
     "ServerSettings",
     "Settings",
+    "StopToken",
     "StorageError",
     "StorageFaultError",
     "ThumbnailSettings",
@@ -39,10 +41,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def download(settings: Settings | None = None, **overrides: Any) -> Report:
+def download(
+    settings: Settings | None = None, *, stop: StopToken | None = None, **overrides: Any
+) -> Report:
     """Run a download from code: ``download(Settings(count=5, local=True))`` or
-    ``download(count=5, local=True)``. Returns the ``Report`` with every ``Result``."""
+    ``download(count=5, local=True)``. Returns the ``Report`` with every ``Result``.
+
+    ``stop``: set it (from any thread) to stop the run cleanly; the report then says
+    ``interrupted``. Runs outside the main thread too (then Ctrl-C is the caller's).
+    """
     from .pipeline import run
 
     settings = (settings or Settings()).replace(**overrides) if overrides else settings
-    return run(settings or Settings())
+    return run(settings or Settings(), stop=stop)

@@ -5,6 +5,9 @@ body one byte at a time, or redirects slowly again and again, never trips it. He
 socket a request uses (each redirect hop, fresh or reused from the pool) is recorded, and
 one watchdog thread per process shuts them down when the request's deadline passes: the
 blocked read wakes with an error, and the fetch shell reports a timeout.
+
+The same cut ends a request at once when the run's stop token is set (``cut_short_by``):
+Ctrl-C need not wait for a slow server.
 """
 
 from __future__ import annotations
@@ -16,19 +19,32 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-_in_flight = threading.local()  # .sockets: the sockets of this thread's current request
+if TYPE_CHECKING:
+    from .stop import StopToken
+
+# .sockets: the sockets of this thread's current request; .stop: the run's stop token
+_in_flight = threading.local()
 
 
 def _record(conn: HTTPConnection) -> None:
     sockets: list[socket.socket] | None = getattr(_in_flight, "sockets", None)
     if sockets is not None and conn.sock is not None:
         sockets.append(conn.sock)
+        stop: StopToken | None = getattr(_in_flight, "stop", None)
+        if stop is not None and stop.is_set():  # opened after the stop's cut: cut it too
+            _shut(conn.sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _TrackedHTTPConnection(HTTPConnection):
@@ -68,19 +84,34 @@ class DeadlineAdapter(HTTPAdapter):
 
 
 @contextlib.contextmanager
+def cut_short_by(stop: StopToken | None) -> Iterator[None]:
+    """Within this block, this thread's requests end as soon as ``stop`` is set."""
+    _in_flight.stop = stop
+    try:
+        yield
+    finally:
+        _in_flight.stop = None
+
+
+@contextlib.contextmanager
 def request_deadline(deadline: float) -> Iterator[None]:
-    """Within this block, this thread's request is cut off at ``deadline`` (monotonic)."""
+    """Within this block, this thread's request is cut off at ``deadline`` (monotonic),
+    or when the stop token of ``cut_short_by`` is set."""
+    stop: StopToken | None = getattr(_in_flight, "stop", None)
+    if stop is not None and stop.is_set():
+        raise requests.ConnectionError("the run was stopped")
     sockets: list[socket.socket] = []
     _in_flight.sockets = sockets
 
     def abort() -> None:
+        # May run in a signal handler (through the stop token): a syscall per socket only.
         for sock in list(sockets):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            _shut(sock)
 
     handle = _watchdog.arm(deadline, abort)
     try:
-        yield
+        with stop.calling(abort) if stop is not None else contextlib.nullcontext():
+            yield
     finally:
         _Watchdog.disarm(handle)
         _in_flight.sockets = None

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import resource
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from types import FrameType
-from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from .backends import Backend, Emit, get_backend
 from .jobs import Job, JobSource, Template, UrlList
 from .lock import OutputLock
 from .manifest import ManifestWriter, read_manifest, still_valid
+from .record import Observer, Recorder
 from .result import DUPLICATE, Report, Result
 from .settings import Settings
+from .stop import StopToken, stopped_by_signals
 from .storage import prepare_out, sweep_temps
-
-
-class Observer(Protocol):
-    """What a UI (the CLI's progress bar) hears from a run."""
-
-    def start(self, to_run: int | None, kept: int) -> None: ...
-
-    def result(self, result: Result) -> None: ...
 
 
 def template_for(settings: Settings, base_url: str | None = None) -> Template:
@@ -69,11 +58,17 @@ def _source(settings: Settings) -> Iterator[JobSource]:
         yield source_for(settings, server.base_url)
 
 
-def run(settings: Settings, observer: Observer | None = None, keep_results: bool = True) -> Report:
+def run(
+    settings: Settings,
+    observer: Observer | None = None,
+    keep_results: bool = True,
+    stop: StopToken | None = None,
+) -> Report:
     """Download what ``settings`` asks for. Raises ``ConfigError``/``StorageError`` for bad
     settings (``OutputInUseError`` when another run holds OUT); per-image failures are in
-    the report, never raised. Ctrl-C or SIGTERM stops the run cleanly: the report says
-    ``interrupted``."""
+    the report, never raised. Setting ``stop`` (from any thread), Ctrl-C or SIGTERM stops
+    the run cleanly: the report says ``interrupted``."""
+    stop = stop if stop is not None else StopToken()
     if settings.local and settings.http.block_private:
         # Every URL of a local run points at its own built-in server, on loopback.
         settings = settings.replace(http=dataclasses.replace(settings.http, block_private=False))
@@ -83,16 +78,19 @@ def run(settings: Settings, observer: Observer | None = None, keep_results: bool
     if prepare is not None:
         prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
     with OutputLock(settings.out):  # one run per OUT: a second one stops here, OUT untouched
-        return _run_locked(backend, settings, observer, keep_results)
+        return _run_locked(backend, settings, observer, keep_results, stop)
 
 
 def _run_locked(
-    backend: Backend, settings: Settings, observer: Observer | None, keep_results: bool
+    backend: Backend,
+    settings: Settings,
+    observer: Observer | None,
+    keep_results: bool,
+    stop: StopToken,
 ) -> Report:
     prepare_out(settings.out)
     report = Report(backend.name)
-    interrupts = _Interrupts()
-    with _source(settings) as source:
+    with stopped_by_signals(stop), _source(settings) as source:
         records = read_manifest(settings.out) if settings.resume or settings.retry_failed else {}
         # Records beyond this run's -n are carried over as they are: a --retry-failed
         # without the first run's -n must not drop their lines.
@@ -108,29 +106,15 @@ def _run_locked(
         # leaves every index it did not reach with the line it had.
         stale = [r for i, r in records.items() if i not in kept and i not in carried]
         with ManifestWriter(settings.out, [*carried.values(), *kept.values()], stale) as manifest:
-
-            def emit(result: Result) -> None:
-                # Ctrl-C waits until the result is recorded: no file without its line.
-                with interrupts.held():
-                    manifest.write(result)
-                    report.add(result)
-                    if keep_results:
-                        report.results.append(result)
-                    if observer is not None:
-                        observer.result(result)
-
-            emit.held = interrupts.held  # type: ignore[attr-defined]  # see holding_interrupts
-
+            record = Recorder(manifest, report, observer, keep_results)
             usage = _Usage()
-            try:
-                with interrupts.installed():
-                    if settings.unique:
-                        _run_unique(backend, source, settings, emit, observer, report)
-                    else:
-                        backend.run(_jobs_to_run(source, kept, rerun), settings, emit)
-            except KeyboardInterrupt:
-                report.interrupted = True
+            if settings.unique:
+                _run_unique(backend, source, settings, record, observer, report, stop)
+            else:
+                backend.run(_jobs_to_run(source, kept, rerun), settings, record, stop)
             usage.finish(report)
+    report.interrupted = stop.is_set()
+    report.stop_reason = stop.reason
     sweep_temps(settings.out)
     return report
 
@@ -145,6 +129,7 @@ def _run_unique(
     emit: Emit,
     observer: Observer | None,
     report: Report,
+    stop: StopToken,
 ) -> None:
     """Fetch until ``count`` images with distinct content are on disk.
 
@@ -165,9 +150,9 @@ def _run_unique(
     budget = 2 * settings.count + 20
     jobs, next_index, issued = source.jobs(), settings.count, settings.count
     while True:
-        backend.run(jobs, settings, keep_unique)
+        backend.run(jobs, settings, keep_unique, stop)
         missing = settings.count - len(seen)
-        if missing <= 0 or isinstance(source, UrlList):
+        if missing <= 0 or isinstance(source, UrlList) or stop.is_set():
             break
         extra = min(missing, budget - (issued - settings.count))
         if extra <= 0:
@@ -244,58 +229,6 @@ def _count_to_run(
     if settings.urls:
         return None  # a streamed list is not counted up front
     return settings.count - len(kept)
-
-
-# ---------------------------------------------------------------------------- signals
-
-
-class _Interrupts:
-    """SIGTERM stops a run the way Ctrl-C does (KeyboardInterrupt: stop scheduling, cancel
-    what is in flight, flush, summarise); a second Ctrl-C or SIGTERM exits at once.
-
-    While a result is being recorded (``held``) the interrupt waits, so it can never leave
-    an image on disk without its manifest line. (Blocking the signal with pthread_sigmask
-    would not do: the kernel hands it to another thread, and Python still runs the handler
-    in the main thread.)
-    """
-
-    def __init__(self) -> None:
-        self.hits = 0
-        self.holding = False
-        self.pending = False
-
-    def handler(self, signum: int, frame: FrameType | None) -> None:
-        self.hits += 1
-        if self.hits > 1:
-            os._exit(130)
-        if self.holding:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handler) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-            if self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------- usage

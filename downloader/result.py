@@ -62,7 +62,8 @@ class Report:
     peak_rss_mb: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     results: list[Result] = field(default_factory=list, repr=False)
-    interrupted: bool = False
+    interrupted: bool = False  # stopped before the end (Ctrl-C, SIGTERM, a stop token)
+    stop_reason: str | None = None  # what the stop token was set with
     unique: int | None = None  # --unique: distinct images kept
     note: str | None = None  # something the user must hear, e.g. why --unique gave up
 

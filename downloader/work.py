@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import aiohttp
     import requests
 
+    from .stop import StopToken
+
 CpuStage = Callable[[bytes], ImageInfo]
 AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
 AsyncWrite = Callable[[list[tuple[Path, bytes]]], Awaitable[None]]
@@ -56,13 +58,20 @@ def handle_sync(
     settings: Settings,
     cpu: CpuStage | None = None,
     gate: HostGate | None = None,
+    stop: StopToken | None = None,
 ) -> Result:
-    """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given."""
+    """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given.
+    Once ``stop`` is set, its request is cut short and no retry waits."""
+    from .deadline import cut_short_by  # requests' world: the asyncio backends never load it
+
     start = time.perf_counter()
     fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
-        fetched = fetch_sync(session, job.url, settings.http, gate=gate)
+        with cut_short_by(stop):
+            fetched = fetch_sync(
+                session, job.url, settings.http, sleep=_sleep_until(stop), gate=gate
+            )
         info = (cpu or cpu_stage(settings))(fetched.data)
         saved = _plan(settings, job, fetched, info)
         write_files(saved.files)
@@ -96,6 +105,16 @@ async def handle_async(
     except OSError as exc:
         return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
     return success(job, fetched, info, saved, start)
+
+
+def _sleep_until(stop: StopToken | None) -> Callable[[float], None]:
+    if stop is None:
+        return time.sleep
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
 
 
 async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from test_robustness import (
     wait_until,
 )
 
-from downloader.backends.hybrid import _End, _Run, worker_count, worker_settings
+from downloader.backends.hybrid import _End, _Run, _Stopping, worker_count, worker_settings
 from downloader.backends.pools import cpu_count
 from downloader.errors import DownloaderError
 from downloader.pipeline import run
@@ -191,28 +189,15 @@ def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
     assert "Traceback" not in stderr, stderr
 
 
-def test_a_result_is_taken_and_recorded_under_one_interrupt_hold() -> None:
-    """The parent takes each result off its queue inside the pipeline's hold, so a Ctrl-C
-    landing between the take and the record waits instead of dropping the result."""
+def test_a_stop_still_emits_every_result_the_workers_send() -> None:
+    """The stop token only wakes the emitting thread: it tells the workers to stop and
+    goes on emitting what they still send (their files are on disk) until the end."""
     run = _Run([])
-    for index in range(3):
+    run.inbox.put(Result(index=0, url="http://h/0", status="ok"))
+    run.inbox.put(_Stopping())
+    for index in (1, 2):
         run.inbox.put(Result(index=index, url=f"http://h/{index}", status="ok"))
     run.inbox.put(_End())
-    depth = 0
-    seen: list[tuple[int, int]] = []
-
-    @contextlib.contextmanager
-    def held() -> Iterator[None]:
-        nonlocal depth
-        depth += 1
-        try:
-            yield
-        finally:
-            depth -= 1
-
-    def emit(result: Result) -> None:
-        seen.append((result.index, depth))
-
-    emit.held = held  # type: ignore[attr-defined]  # as the pipeline's emit carries it
-    run.emit_all(emit)
-    assert seen == [(0, 1), (1, 1), (2, 1)]
+    seen: list[tuple[int, bool]] = []
+    run.emit_all(lambda result: seen.append((result.index, run.stopping)))
+    assert seen == [(0, False), (1, True), (2, True)]

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import ImageServer, make_settings
 
-from downloader import ConfigError, download
+from downloader import ConfigError, StopToken, download
 from downloader.cli import main
 from downloader.errors import RetryableFetchError
 from downloader.fetch import check_declared_length, fetch_sync, new_session, parse_retry_after
@@ -253,6 +253,8 @@ def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) ->
             "asyncio", out, "http://x/{i}", 1, timeout=2.5, retries=0, concurrency=1
         )
         results: list[Result] = []
-        AsyncioBackend().run(slow_stream(), settings.replace(urls="-"), results.append)
+        AsyncioBackend().run(
+            slow_stream(), settings.replace(urls="-"), results.append, StopToken()
+        )
     assert sorted(r.index for r in results) == [0, 1, 2, 3]
     assert all(r.ok for r in results), [r.error for r in results]

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -32,7 +33,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import BACKENDS, ImageServer, jpeg, make_settings
+from conftest import BACKENDS, CONTRACT_BACKENDS, ImageServer, jpeg, make_settings
 from PIL import Image
 
 from downloader import politeness
@@ -42,7 +43,8 @@ from downloader.fetch import fetch_async, fetch_sync, new_session
 from downloader.pipeline import run
 from downloader.politeness import HostGate, host_of
 from downloader.server import RunningServer, choose_fault, make_app, server_thread
-from downloader.settings import HttpSettings, ServerSettings, ThumbnailSettings
+from downloader.settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings
+from downloader.stop import StopToken
 from downloader.storage import MANIFEST, TEMP_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,12 +363,16 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
 @pytest.mark.parametrize(
     ("backend", "signum"),
     [
+        ("sync", signal.SIGINT),
         ("asyncio", signal.SIGINT),
         ("threads", signal.SIGINT),
         ("processes", signal.SIGINT),
         ("hybrid", signal.SIGINT),
-        ("asyncio", signal.SIGTERM),  # asyncio turns signals into a cancel of its own
+        ("sync", signal.SIGTERM),
+        ("asyncio", signal.SIGTERM),
         ("threads", signal.SIGTERM),
+        ("processes", signal.SIGTERM),
+        ("hybrid", signal.SIGTERM),
     ],
 )
 def test_signal_stops_the_run_cleanly(backend: str, signum: int, tmp_path: Path) -> None:
@@ -494,6 +500,82 @@ def test_interrupt_inside_an_asyncio_task_is_quiet(
         gc.collect()  # an unretrieved task exception is reported when the task is collected
     assert report.interrupted
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+class StopAfter:
+    """An Observer that tells the test's thread once ``at`` results are recorded."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.seen = 0
+        self.reached = threading.Event()
+
+    def start(self, to_run: int | None, kept: int) -> None:
+        pass
+
+    def result(self, result: object) -> None:
+        self.seen += 1
+        if self.seen >= self.at:
+            self.reached.set()
+
+
+def run_in_thread(settings: Settings, stop: StopToken, observer: Any = None) -> Any:
+    """``download()`` on a thread of its own; returns (thread, box of the report)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["report"] = run(settings, observer, stop=stop)
+        except BaseException as exc:  # the test's thread reports it
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="download")
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
+def test_a_stop_token_set_from_another_thread_stops_the_run(backend: str, tmp_path: Path) -> None:
+    count = 300
+    out = tmp_path / "pic"
+    with server_thread(make_app(ServerSettings(seed=6, latency_ms=30))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}"
+        stop, observer = StopToken(), StopAfter(at=8)
+        thread, box = run_in_thread(make_settings(backend, out, url, count), stop, observer)
+        assert observer.reached.wait(DEADLINE_S), box.get("error")
+        stop.set("test")
+        thread.join(DEADLINE_S)
+    assert not thread.is_alive()
+    report = box["report"]
+    assert report.interrupted and report.stop_reason == "test"
+    assert_no_temp_files(out)
+    assert manifest_text(out).endswith("\n")
+    lines = by_index(records(out))
+    assert 8 <= len(lines) < count, "the stop should land mid-run"
+    assert report.ok + report.failed == len(lines)
+    assert_ok_files_match(out, lines)
+    recorded = {line["path"] for line in lines.values() if line["status"] == "ok"}
+    on_disk = {p.name for p in visible_files(out) if p.parent == out and p.name != MANIFEST}
+    assert on_disk == recorded, "every image on disk has its manifest line"
+
+
+@pytest.mark.parametrize("backend", ["sync", "threads", "asyncio", "hybrid"])
+def test_a_stop_cuts_slow_requests_short(backend: str, tmp_path: Path) -> None:
+    """The server takes 60 s to answer: a stop ends the requests in flight instead of
+    waiting for them (the processes backend drains them, bounded by --timeout)."""
+    out = tmp_path / "pic"
+    with server_thread(make_app(ServerSettings(seed=2, latency_ms=60_000))) as server:
+        url = server.base_url + "/{width}/{height}?lock={i}"
+        settings = make_settings(backend, out, url, 4, timeout=120.0, concurrency=2)
+        stop = StopToken()
+        thread, box = run_in_thread(settings, stop)
+        wait_until(lambda: sum(stats(server).values()) >= 1, "a request in flight")
+        stop.set()
+        thread.join(20)
+        assert not thread.is_alive(), "the stop waited for the slow server"
+    assert box["report"].interrupted, box.get("error")
+    assert records(out) == []
+    assert [p for p in visible_files(out) if p.name != MANIFEST] == []
 
 
 # ---------------------------------------------------------------------------- 4. retry/resume

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
-import signal
 import threading
 from collections.abc import AsyncIterable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,7 @@ from ..jobs import Job
 from ..netguard.aio import GuardedConnector
 from ..politeness import HostGate
 from ..settings import Settings
+from ..stop import StopToken
 from ..thumbnails import ImageInfo
 from ..work import AsyncWrite, cpu_stage, handle_async
 from .base import Emit
@@ -33,38 +32,8 @@ _DONE = None
 class AsyncioBackend:
     name = "asyncio"
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
-        # Closing the loop resets SIGINT/SIGTERM to Python's defaults: put back the
-        # pipeline's handlers (a SIGTERM after the run must still stop it cleanly).
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            run_event_loop(_main(jobs, settings, emit), settings.event_loop)
-        except asyncio.CancelledError:
-            raise KeyboardInterrupt from None
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for sig, handler in previous.items():
-                    if handler is not None:
-                        signal.signal(sig, handler)
-
-
-def _cancel_on_signals(task: asyncio.Task[None]) -> None:
-    """Ctrl-C / SIGTERM cancel the run's task, so every worker unwinds through its
-    ``finally`` (a KeyboardInterrupt raised inside a task instead is logged as "Task
-    exception was never retrieved"); a second one exits at once."""
-    loop = asyncio.get_running_loop()
-    hits = 0
-
-    def handler() -> None:
-        nonlocal hits
-        hits += 1
-        if hits > 1:
-            os._exit(130)
-        task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, handler)
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
+        run_event_loop(run_pipeline(jobs, settings, emit, stop), settings.event_loop)
 
 
 def run_event_loop(coro: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
@@ -128,17 +97,30 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-async def _main(jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+async def run_pipeline(
+    jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken
+) -> None:
+    """The whole asyncio pipeline in the running loop, with its thumbnail pool. Setting
+    ``stop`` cancels it: every worker unwinds through its ``finally``, writes cut short are
+    rolled back, and this returns once what finished has been emitted."""
+    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    if task is not None:
-        _cancel_on_signals(task)
+    assert task is not None
+
+    def cancel() -> None:  # may run in a signal handler: only wakes the loop
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(task.cancel)
+
     # aiofiles runs writes in the loop's default executor: two threads keep up with the
     # disk, where the default (cores + 4) only adds threads competing for the GIL.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(2, thread_name_prefix="writer")
-    )
-    with cpu_executor(settings.thumbnails) as pool:
-        await run_jobs(jobs, settings, emit, pool)
+    loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="writer"))
+    try:
+        with stop.calling(cancel), cpu_executor(settings.thumbnails) as pool:
+            await run_jobs(jobs, settings, emit, pool)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        task.uncancel()
 
 
 async def run_jobs(

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..jobs import Job
 from ..result import Result
+from ..stop import StopToken
 
 if TYPE_CHECKING:  # the settings import the backend registry, which imports this module
     from ..settings import Settings
 
 Emit = Callable[[Result], None]
-
-
-def holding_interrupts(emit: Emit) -> contextlib.AbstractContextManager[Any]:
-    """A scope in which Ctrl-C waits, if ``emit`` is the pipeline's (it carries ``held``).
-
-    ``emit`` itself holds a Ctrl-C until the result is recorded. A backend that takes a
-    result off a queue just before emitting it wraps both in this scope, so a Ctrl-C that
-    lands between the two cannot drop a result whose files are on disk.
-    """
-    held = getattr(emit, "held", None)
-    return held() if held is not None else contextlib.nullcontext()
 
 
 class Backend(Protocol):
@@ -33,10 +22,19 @@ class Backend(Protocol):
 
     name: str
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
-        """Run every job and call ``emit`` exactly once per job, in the calling thread.
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
+        """Run every job and call ``emit`` exactly once per finished job, in the calling
+        thread.
 
         ``jobs`` is lazy and may be long: a backend keeps only O(concurrency) jobs in flight.
-        Per-job failures are emitted as failed Results; only bugs raise.
+        Per-job failures are emitted as failed Results; only bugs raise. Once ``stop`` is
+        set (from any thread, or a signal handler), the backend takes no more jobs, cancels
+        or drains what is in flight, emits what finished, and returns.
         """
         ...
+
+
+def finished(result: Result, stop: StopToken) -> bool:
+    """Whether to emit ``result`` of a job the stop may have cut short: a failure after a
+    stop may be the stop's doing, so it is not recorded (``--resume`` runs it again)."""
+    return result.ok or not stop.is_set()

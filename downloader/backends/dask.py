@@ -27,6 +27,7 @@ from ..errors import StorageError
 from ..jobs import Job
 from ..result import Result
 from ..settings import Settings
+from ..stop import StopToken
 from ..storage import check_writable
 from .base import Emit
 from .pools import chunked, cpu_count
@@ -36,12 +37,12 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
     processes, which may not start a process pool, so thumbnails run in a thread pool
     (Pillow releases the GIL while it decodes and resizes)."""
-    from .aio import _main
+    from .aio import run_pipeline
 
     thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
     shard_settings = settings.replace(thumbnails=thumbs)
     results: list[Result] = []
-    asyncio.run(_main(jobs, shard_settings, results.append))
+    asyncio.run(run_pipeline(jobs, shard_settings, results.append, StopToken()))
     return results
 
 
@@ -57,19 +58,21 @@ def check_out(out: str) -> str | None:
 class DaskBackend:
     name = "dask"
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
+        """A stop sends no more shards; the shards already on a worker finish (each request
+        bounded by its deadline) and all their results are recorded."""
         with self._client(settings) as client:
             self._check_workers(client, settings.out)
             in_flight = 2 * max(1, sum(client.nthreads().values()))
             shards = chunked(jobs, settings.dask.shard_size)
             pending = as_completed()
-            for first in itertools.islice(shards, in_flight):
+            for first in itertools.islice(shards, 0 if stop.is_set() else in_flight):
                 pending.add(client.submit(run_shard, first, settings, pure=False))
             for future in pending:
                 for result in future.result():
                     emit(result)
                 future.release()
-                shard = next(shards, None)
+                shard = None if stop.is_set() else next(shards, None)
                 if shard is not None:
                     pending.add(client.submit(run_shard, shard, settings, pure=False))
 

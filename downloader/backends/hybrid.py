@@ -33,16 +33,16 @@ from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
+from ..stop import StopToken
 from ..storage import write_files
-from .base import Emit, holding_interrupts
+from .base import Emit
 from .pools import PRELOAD, child_init, cpu_count, mp_context, start_forkserver
 
-_STOP = "stop"  # parent -> worker: Ctrl-C, cancel what is in flight
+_STOP = "stop"  # parent -> worker: the run was stopped, cancel what is in flight
 _PAUSE = "pause"  # both ways: ("pause", host, until), a host asked for a pause
 _DONE = "done"  # worker -> parent: every result sent; the worker exits
 _BATCH = 32  # results per message at most; fewer after _FLUSH_S
 _FLUSH_S = 0.005
-_WAKE_S = 0.1  # how long a Ctrl-C may wait while the parent waits for results
 # Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")
 _PARENT_GONE = (BrokenPipeError, ConnectionResetError, EOFError)
@@ -204,6 +204,10 @@ class _End:
     """The receiver's last word: every worker is done (or dead)."""
 
 
+class _Stopping:
+    """The run's stop token was set: tell the workers, then go on emitting until _End."""
+
+
 class HybridBackend:
     name = "hybrid"
 
@@ -211,23 +215,18 @@ class HybridBackend:
         """Called by the pipeline early: the forkserver boots while it sets up."""
         start_forkserver(_PRELOAD)
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         workers = _start(settings, worker_count(settings))
         run = _Run(workers)
-        receiving = False
         try:
             # The receiver first: once a job can have gone out, someone takes its result.
             threading.Thread(target=run.receive, daemon=True, name="hybrid-results").start()
-            receiving = True
             threading.Thread(target=run.feed, args=(jobs,), daemon=True, name="hybrid-jobs").start()
             threading.Thread(target=run.relay, daemon=True, name="hybrid-pauses").start()
-            run.emit_all(emit)  # only this thread emits, and it waits on nothing else
-        except KeyboardInterrupt:
-            run.stop()
-            if receiving:
-                with contextlib.suppress(KeyboardInterrupt):
-                    run.emit_all(_quiet(emit))  # what finished meanwhile is on disk
-            raise
+            # A stop (maybe from a signal handler) only wakes the emitting thread, which
+            # then tells the workers; it goes on emitting until every worker is done.
+            with stop.calling(lambda: run.inbox.put(_Stopping())):
+                run.emit_all(emit)  # only this thread emits, and it waits on nothing else
         finally:
             run.stop()
             run.pauses.put(None)
@@ -239,7 +238,7 @@ class HybridBackend:
                 worker.jobs.close()
         if run.feed_error is not None:
             raise run.feed_error
-        if not run.fed_all:  # every worker is gone, and jobs are left
+        if not run.fed_all and not stop.is_set():  # every worker is gone, and jobs are left
             raise DownloaderError(
                 f"every hybrid worker process failed; the last: {run.last_failure}"
             )
@@ -273,7 +272,8 @@ class _Run:
         self.workers = workers
         self.room = threading.Condition()
         self.stopping = False
-        self.inbox: queue.SimpleQueue[Result | _End] = queue.SimpleQueue()
+        # SimpleQueue: its put may run in a signal handler (see HybridBackend.run).
+        self.inbox: queue.SimpleQueue[Result | _End | _Stopping] = queue.SimpleQueue()
         # Host pauses heard by one worker, for the others; sent by a thread of their own,
         # so the receiver never waits on a worker's full pipe.
         self.pauses: queue.SimpleQueue[tuple[_Worker, Any] | None] = queue.SimpleQueue()
@@ -282,20 +282,14 @@ class _Run:
         self.last_failure = ""
 
     def emit_all(self, emit: Emit) -> None:
-        while True:
-            # A Ctrl-C between taking a result and recording it would drop it: it waits
-            # (at most _WAKE_S while the queue is empty) and lands once the result is in.
-            with holding_interrupts(emit):
-                try:
-                    item = self.inbox.get(timeout=_WAKE_S)
-                except queue.Empty:
-                    continue
-                if isinstance(item, _End):
-                    return
+        while not isinstance(item := self.inbox.get(), _End):
+            if isinstance(item, _Stopping):
+                self.stop()
+            else:
                 emit(item)
 
     def stop(self) -> None:
-        """Ctrl-C: no more jobs go out, and the workers cancel what they hold."""
+        """No more jobs go out, and the workers cancel what they hold."""
         with self.room:
             if self.stopping:
                 return
@@ -381,7 +375,9 @@ class _Run:
             reason = f"worker process died (exit code {worker.process.exitcode})"
         with self.room:
             worker.live = False
-            lost = list(worker.pending.values())
+            # After a stop, the jobs a worker still held were cancelled, not failed:
+            # they get no line, and --resume runs them again.
+            lost = [] if self.stopping else list(worker.pending.values())
             worker.pending.clear()
             if reason:
                 self.last_failure = reason
@@ -401,11 +397,3 @@ def _lost(job: Job, reason: str) -> Result:
     from ..work import failure
 
     return failure(job, FetchError(f"{reason} before finishing this image"), time.perf_counter(), 0)
-
-
-def _quiet(emit: Emit) -> Emit:
-    def quiet(result: Result) -> None:
-        with contextlib.suppress(KeyboardInterrupt):
-            emit(result)
-
-    return quiet

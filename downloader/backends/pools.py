@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     Executor,
@@ -22,6 +22,7 @@ from multiprocessing.context import BaseContext
 from typing import TypeVar
 
 from ..settings import ThumbnailSettings
+from ..stop import StopToken
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -122,54 +123,37 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def emit_all(results: Generator[R, None, None], emit: Callable[[R], None]) -> None:
-    """``emit`` every result; on Ctrl-C, still emit what was already running.
-
-    A KeyboardInterrupt can land in ``emit`` (the loop body), outside the generator: it is
-    thrown into the generator so ``bounded_map`` stops scheduling and hands over the jobs
-    that finish anyway, instead of leaving their files on disk without manifest lines.
-    """
-    try:
-        for result in results:
-            emit(result)
-    except KeyboardInterrupt:
-        with contextlib.suppress(KeyboardInterrupt, StopIteration):
-            result = results.throw(KeyboardInterrupt())
-            while True:
-                emit(result)
-                result = next(results)
-        raise
-
-
 def bounded_map(
-    executor: Executor, fn: Callable[[T], R], items: Iterable[T], limit: int
-) -> Generator[R, None, None]:
+    executor: Executor, fn: Callable[[T], R], items: Iterable[T], limit: int, stop: StopToken
+) -> Iterator[R]:
     """``executor.map`` that pulls ``items`` lazily, keeps at most ``limit`` in flight and
-    yields results as they complete (not in order), so memory is O(limit), not O(n)."""
+    yields results as they complete (not in order), so memory is O(limit), not O(n).
+
+    Once ``stop`` is set it takes no more items and cancels what has not started; what is
+    already running is still yielded (its files may be on disk and need their lines).
+    """
     pending: set[Future[R]] = set()  # submitted and not yet yielded
+    it = iter(items)
     try:
-        for item in items:
-            while len(pending) >= limit:
+        while not stop.is_set():
+            if len(pending) >= limit:
                 yield from _completed(pending)
+                continue
+            try:
+                item = next(it)
+            except StopIteration:
+                break
             pending.add(executor.submit(fn, item))
+        if stop.is_set():
+            pending -= {f for f in pending if f.cancel()}
         while pending:
             yield from _completed(pending)
-    except KeyboardInterrupt:
-        # Stop scheduling; what is done or already running (bounded by the request
-        # deadline) is still handed over, rather than left as files without manifest lines.
-        for future in [f for f in pending if f.cancel()]:
-            pending.discard(future)
-        for future in list(pending):
-            pending.discard(future)
-            with contextlib.suppress(Exception):
-                yield future.result()
-        raise
     finally:
         for future in pending:
             future.cancel()
 
 
-def _completed(pending: set[Future[R]]) -> Generator[R, None, None]:
+def _completed(pending: set[Future[R]]) -> Iterator[R]:
     done, _ = wait(pending, return_when=FIRST_COMPLETED)
     for future in done:
         pending.discard(future)

@@ -19,9 +19,10 @@ from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
+from ..stop import StopToken
 from ..work import handle_sync
 from .base import Emit
-from .pools import bounded_map, child_init, chunked, emit_all, mp_context
+from .pools import bounded_map, child_init, chunked, mp_context
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None
@@ -47,7 +48,7 @@ def _run_chunk(jobs: list[Job]) -> list[Result]:
 class ProcessesBackend:
     name = "processes"
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         workers = min(settings.http.concurrency, MAX_WORKERS)
         # Small chunks keep the progress bar and load balance smooth; >1 halves IPC turns.
         chunk = 1 if settings.count <= 4 * workers else 2
@@ -57,18 +58,8 @@ class ProcessesBackend:
             initializer=_init_worker,
             initargs=(settings, workers, os.getpid()),
         ) as pool:
-
-            def emit_chunk(results: list[Result]) -> None:
-                # A Ctrl-C raised after one result is recorded still records the rest of
-                # its chunk: their files are already on disk.
-                interrupted = False
+            # A stop cancels the chunks not yet started; the workers finish theirs (each
+            # request bounded by its deadline), and every result they return is recorded.
+            for results in bounded_map(pool, _run_chunk, chunked(jobs, chunk), 2 * workers, stop):
                 for result in results:
-                    try:
-                        emit(result)
-                    except KeyboardInterrupt:
-                        interrupted = True
-                if interrupted:
-                    raise KeyboardInterrupt
-
-            chunks = bounded_map(pool, _run_chunk, chunked(jobs, chunk), 2 * workers)
-            emit_all(chunks, emit_chunk)
+                    emit(result)

@@ -18,16 +18,17 @@ from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
+from ..stop import StopToken
 from ..thumbnails import ImageInfo
 from ..work import CpuStage, cpu_stage, handle_sync
-from .base import Emit
-from .pools import bounded_map, cpu_executor, emit_all
+from .base import Emit, finished
+from .pools import bounded_map, cpu_executor
 
 
 class ThreadsBackend:
     name = "threads"
 
-    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit) -> None:
+    def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         local = threading.local()
         sessions: list[requests.Session] = []
         lock = threading.Lock()
@@ -54,12 +55,14 @@ class ThreadsBackend:
             gate = HostGate(settings.http.rate)
 
             def work(job: Job) -> Result:
-                return handle_sync(session(), job, settings, cpu, gate)
+                return handle_sync(session(), job, settings, cpu, gate, stop)
 
             concurrency = settings.http.concurrency
             try:
                 with ThreadPoolExecutor(concurrency, thread_name_prefix="download") as executor:
-                    emit_all(bounded_map(executor, work, jobs, 2 * concurrency), emit)
+                    for result in bounded_map(executor, work, jobs, 2 * concurrency, stop):
+                        if finished(result, stop):
+                            emit(result)
             finally:
                 for s in sessions:
                     s.close()
