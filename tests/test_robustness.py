@@ -502,6 +502,31 @@ def test_interrupt_inside_an_asyncio_task_is_quiet(
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
+def test_stop_token_first_reason_wins_and_callbacks_run_once() -> None:
+    token = StopToken()
+    calls: list[str] = []
+    forget = token.on_set(lambda: calls.append("a"))
+    token.on_set(lambda: calls.append("b"))
+    forget()
+    assert not token.is_set() and not token.wait(0)
+    token.set("first")
+    token.set("second")
+    assert token.is_set() and token.wait(0) and token.reason == "first"
+    assert calls == ["b"]
+    token.on_set(lambda: calls.append("late"))  # already set: called at once
+    assert calls == ["b", "late"]
+
+
+def test_stop_token_wakes_a_waiting_thread() -> None:
+    token = StopToken()
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: token.wait() and woke.set())
+    waiter.start()
+    token.set()
+    waiter.join(DEADLINE_S)
+    assert woke.is_set()
+
+
 class StopAfter:
     """An Observer that tells the test's thread once ``at`` results are recorded."""
 
