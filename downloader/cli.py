@@ -9,12 +9,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .errors import ConfigError, DownloaderError, StorageError
 from .settings import Declared, Settings, declared, load_settings
+
+if TYPE_CHECKING:
+    from .result import Report
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -26,23 +29,29 @@ class App(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
-        try:
-            code = super().main(*args, **kwargs)
-        except click.exceptions.Exit as exc:
-            code = exc.exit_code
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            code = EXIT_USAGE
-        except (ConfigError, StorageError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            code = EXIT_USAGE
-        except DownloaderError as exc:  # a run that could not finish, e.g. every worker failed
-            click.echo(f"error: {exc}", err=True)
-            code = EXIT_FAILED
-        except (click.Abort, KeyboardInterrupt):
-            click.echo("interrupted", err=True)
-            code = EXIT_INTERRUPTED
-        sys.exit(code if isinstance(code, int) else EXIT_OK)
+        sys.exit(guarded(lambda: super(App, self).main(*args, **kwargs)))
+
+
+def guarded(call: Callable[[], Any]) -> int:
+    """Run ``call`` and turn what it raises into one line on stderr and an exit code (the
+    CLI's, and a service job's process)."""
+    try:
+        code = call()
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        code = EXIT_USAGE
+    except (ConfigError, StorageError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = EXIT_USAGE
+    except DownloaderError as exc:  # a run that could not finish, e.g. every worker failed
+        click.echo(f"error: {exc}", err=True)
+        code = EXIT_FAILED
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def _size(value: str | None) -> tuple[int, int] | None:
@@ -110,11 +119,16 @@ def setting_overrides(command: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def settings_from_options(options: dict[str, Any]) -> Settings:
     """Flags -> dotted overrides -> layered Settings."""
+    return load_settings(options.get("config"), overrides=download_overrides(options))
+
+
+def download_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """The download flags (``--size`` included) as dotted overrides (None: not given)."""
     overrides = setting_overrides("download", options)
-    size = _size(options.pop("size", None))
+    size = _size(options.get("size"))
     if size is not None:
         overrides["width"], overrides["height"] = size
-    return load_settings(options.get("config"), overrides=overrides)
+    return overrides
 
 
 @click.group(
@@ -162,12 +176,15 @@ def _download(settings: Settings, verbose: int) -> int:
     click.echo(report.summary())
     if report.note:
         click.echo(report.note, err=True)
+    return exit_code(settings, report)
+
+
+def exit_code(settings: Settings, report: Report) -> int:
+    """0 all ok, 1 some failed (or too few distinct images), 130 interrupted."""
     if report.interrupted:
         return EXIT_INTERRUPTED
     if settings.unique and not settings.urls:  # a list has no count to reach
         return EXIT_OK if (report.unique or 0) >= settings.count else EXIT_FAILED
-    if settings.unique:
-        return EXIT_OK if report.failed == 0 else EXIT_FAILED
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
@@ -194,6 +211,60 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     return EXIT_OK
+
+
+@main.command()
+@setting_options("service")
+@click.pass_context
+def service(ctx: click.Context, /, **options: Any) -> int:
+    """Run the job service: submit, watch, cancel and fetch downloads over HTTP.
+
+    Jobs are kept in DATA (a SQLite database and one folder per job) and survive restarts:
+    running jobs resume where they stopped. See the README, "Run as a service".
+    """
+    from .service.serve import run_service
+
+    parent = ctx.obj or {}
+    overrides = setting_overrides("service", options)
+    return run_service(load_settings(parent.get("config"), overrides=overrides))
+
+
+@main.command()
+@click.option(
+    "--service",
+    "service_url",
+    default="http://127.0.0.1:8800",
+    show_default=True,
+    metavar="URL",
+    help="The job service to submit to.",
+)
+@click.option("--token", envvar="DOWNLOADER_SERVICE_TOKEN", help="The service's token.")
+@click.option("--wait", is_flag=True, help="Follow the job (progress bar); exit with its code.")
+@click.pass_context
+def submit(ctx: click.Context, /, **options: Any) -> int:
+    """Submit a download job to a running `download service`; prints the job's id.
+
+    Takes the usual download options (before or after `submit`); --urls and --config are
+    read here and sent. With --wait, the exit code is the job's: 0 all ok, 1 some failed,
+    2 refused or could not run, 130 cancelled.
+    """
+    from .service.client import Service, job_body, wait
+
+    given = {k: v for k, v in options.items() if v not in (None, ()) and (k != "verbose" or v)}
+    merged = {**(ctx.obj or {}), **given}
+    overrides = download_overrides(merged)
+    body = job_body(overrides, merged.get("config"), overrides.get("urls"))
+    service = Service(options["service_url"], options["token"])
+    job = service.submit(body)
+    click.echo(job["id"])
+    if not options["wait"]:
+        return EXIT_OK
+    quiet = overrides.get("progress") is False
+    return wait(service, job, quiet, int(merged.get("verbose") or 0))
+
+
+# The usual download options work after `submit` too (the same option objects).
+submit.params.extend(param for param in main.params if param.name not in {"version", "help"})
 
 
 @main.command()

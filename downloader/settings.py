@@ -201,6 +201,58 @@ class DaskSettings(Checked):
         )
 
 
+_SERVICE = ("service",)
+
+
+@dataclass(frozen=True)
+class ServiceSettings(Checked):
+    """``download service``: where it listens, where it keeps jobs, the caps on one job."""
+
+    section = "service."
+
+    host: str = setting(
+        "127.0.0.1",
+        "Address to listen on; any but loopback needs a token.",
+        flag="--host",
+        commands=_SERVICE,
+    )
+    port: int = setting(
+        8800, "Port; 0 = any free port.", flag="--port", low=0, high=65535, commands=_SERVICE
+    )
+    data: Path = setting(
+        Path("service-data"),
+        "Folder of the job database and of each job's files.",
+        flag="--data",
+        commands=_SERVICE,
+    )
+    max_jobs: int = setting(
+        2, "Jobs running at once; the rest wait in order.", flag="--max-jobs", low=1,
+        high=256, commands=_SERVICE,
+    )  # fmt: skip
+    token: str = setting(
+        "",
+        "Bearer token for /api and /files (or DOWNLOADER_SERVICE_TOKEN).",
+        flag="--token",
+        commands=_SERVICE,
+    )
+    allow_private: bool = setting(
+        False,
+        "Let jobs fetch loopback, private and link-local addresses (trusted setups only).",
+        flag="--allow-private",
+        commands=_SERVICE,
+    )
+    max_count: int = setting(100_000, "Most images one job may ask for.", low=1)
+    max_concurrency: int = setting(
+        256, "Highest http.concurrency, http.per_host and workers of one job.", low=1
+    )
+
+    def check(self) -> None:
+        check(
+            all(32 < ord(c) < 127 for c in self.token),
+            "service.token must be printable ASCII without spaces",
+        )
+
+
 @dataclass(frozen=True)
 class Settings(Checked):
     count: int = setting(10, "How many images to fetch.", flag="--count", short="-n", low=1)
@@ -282,6 +334,7 @@ class Settings(Checked):
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     dask: DaskSettings = field(default_factory=DaskSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
 
     def __post_init__(self) -> None:
         # The Python API builds Settings directly: a str path is fine, a str count is not.
@@ -315,6 +368,7 @@ _SECTIONS: dict[str, Any] = {
     "thumbnails": ThumbnailSettings,
     "server": ServerSettings,
     "dask": DaskSettings,
+    "service": ServiceSettings,
 }
 
 

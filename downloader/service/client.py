@@ -1,0 +1,133 @@
+"""``download submit``: post a job to a running service; with ``--wait``, follow it.
+
+The body is built from the usual download flags (and ``--config``, ``--urls`` read here);
+the service validates it. ``--wait`` feeds the CLI's progress bar from the job's event
+stream and exits with the job's code: 0 all ok, 1 some failed, 2 refused or could not run,
+130 cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+from ..errors import ConfigError
+from ..result import Result
+from ..settings import BACKENDS, Settings, read_toml
+
+EXIT_BY_STATE = {"failed": 2, "cancelled": 130}
+NOT_FOR_JOBS = {"out": "--out", "resume": "--resume", "retry_failed": "--retry-failed"}
+RECONNECTS = 5
+
+
+def job_body(overrides: dict[str, Any], config: Path | None, urls: str | None) -> dict[str, Any]:
+    """Flags (dotted keys, None = not given) over the config file -> the job's JSON body."""
+    body: dict[str, Any] = read_toml(config) if config is not None else {}
+    for key, value in overrides.items():
+        if value is None or key in ("progress", "urls"):
+            continue
+        if key in NOT_FOR_JOBS:
+            raise ConfigError(f"{NOT_FOR_JOBS[key]} is the service's to choose, not a job's")
+        section, _, name = key.rpartition(".")
+        target = body.setdefault(section, {}) if section else body
+        target[name] = str(value) if isinstance(value, Path) else value
+    if urls:
+        from ..jobs import UrlList
+
+        body["urls"] = [job.url for job in UrlList(urls).jobs()]
+    return body
+
+
+class Service:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = self.session.post(f"{self.url}/api/v1/jobs", json=body, timeout=60)
+        except requests.RequestException as exc:
+            raise ConfigError(f"cannot reach the service at {self.url}: {exc}") from None
+        if response.status_code != 201:
+            raise ConfigError(f"the service refused the job: {_error(response)}")
+        job: dict[str, Any] = response.json()
+        return job
+
+    def events(self, job_id: str) -> Iterator[tuple[str, str]]:
+        """(event, data) of the job's stream until ``end``; reconnects where it left off."""
+        last_id, failures = "", 0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with self.session.get(
+                    f"{self.url}/api/v1/jobs/{job_id}/events",
+                    headers=headers, stream=True, timeout=(30, 60),
+                ) as response:  # fmt: skip
+                    if response.status_code != 200:
+                        raise ConfigError(f"cannot follow job {job_id}: {_error(response)}")
+                    for kind, data, event_id in _parse_sse(response.iter_lines()):
+                        last_id = event_id or last_id
+                        failures = 0
+                        yield kind, data
+                        if kind == "end":
+                            return
+            except requests.RequestException as exc:
+                failures += 1
+                if failures > RECONNECTS:
+                    raise ConfigError(f"lost the service at {self.url}: {exc}") from None
+
+
+def _error(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+def _parse_sse(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str]]:
+    kind, event_id = "message", ""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace")
+        if not line:
+            if data:
+                yield kind, "\n".join(data), event_id
+            kind, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = value
+
+
+def wait(service: Service, job: dict[str, Any], quiet: bool, verbose: int) -> int:
+    """Follow the job with the CLI's progress bar; the job's exit code."""
+    from ..progress import ProgressReporter
+
+    backend = job["spec"].get("backend", "asyncio")
+    settings = Settings(backend=backend if backend in BACKENDS else "asyncio", progress=not quiet)
+    end = job
+    with ProgressReporter(settings, verbose) as reporter:
+        reporter.start(job.get("total"), 0)
+        for kind, data in service.events(job["id"]):
+            if kind == "result":
+                reporter.result(Result.from_record(json.loads(data)))
+            elif kind == "end":
+                end = json.loads(data)
+    click.echo(end.get("summary") or f"job {end['id']} {end['state']}")
+    if end["state"] in EXIT_BY_STATE:
+        if end.get("error"):
+            click.echo(f"error: {end['error']}", err=True)
+        return EXIT_BY_STATE[end["state"]]
+    return 0 if end.get("failed", 0) == 0 else 1

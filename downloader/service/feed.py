@@ -1,0 +1,191 @@
+"""Following a job through its manifest, and handing what is new to event-stream listeners.
+
+The job's process appends one JSON line per image to ``manifest.jsonl`` (flushed every
+0.2 s); a resumed run starts a fresh file with the kept lines first and swaps it in. A
+``Feed`` reads what is new (starting over on a swapped file, skipping lines it already
+has), so its ``lines`` are every result so far, once each: what a late client replays
+before the live ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..result import DUPLICATE
+from ..storage import MANIFEST
+
+QUEUE_LIMIT = 10_000  # events a slow listener may lag behind before it is dropped
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "result", "progress", "job", "end"; "close" ends a stream (shutdown, overflow)
+    data: str  # JSON text
+    id: int | None = None  # position of a result in its feed (for Last-Event-ID)
+
+
+CLOSE = Event("close", "")
+
+
+class Topic:
+    """Listeners of one stream: each has a bounded queue; one that falls too far behind
+    gets a close (its client reconnects, with Last-Event-ID for a job's results)."""
+
+    def __init__(self) -> None:
+        self.queues: set[asyncio.Queue[Event]] = set()
+
+    def publish(self, event: Event) -> None:
+        for queue in list(self.queues):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.queues.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(CLOSE)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_LIMIT)
+        self.queues.add(queue)
+        try:
+            yield queue
+        finally:
+            self.queues.discard(queue)
+
+    def close_all(self) -> None:
+        for queue in list(self.queues):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(CLOSE)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    index: int
+    line: str
+    status: str  # "ok", "failed", "duplicate"
+    paths: tuple[str, ...]
+
+
+class Feed:
+    """The manifest of one job folder as the service has read it so far."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / MANIFEST
+        self.topic = Topic()
+        self.lines: list[str] = []
+        self.ok = 0
+        self.failed = 0
+        self._records: dict[int, _Entry] = {}
+        self._paths: dict[str, int] = {}
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+        self._lock = asyncio.Lock()
+
+    def lists(self, path: str) -> bool:
+        """Whether the manifest names ``path`` (an image or thumbnail) as it stands."""
+        return path in self._paths
+
+    async def poll(self) -> int:
+        """Read what is new; publish each new result. Returns how many there were."""
+        async with self._lock:
+            entries = await asyncio.to_thread(self._read)
+            return self._apply(entries)
+
+    def _read(self) -> list[_Entry]:
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return []
+        with fh:
+            stat = os.fstat(fh.fileno())
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._inode, self._offset, self._partial = stat.st_ino, 0, b""
+            fh.seek(self._offset)
+            data = fh.read()
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [entry for raw in complete if (entry := _parse(raw)) is not None]
+
+    def _apply(self, entries: list[_Entry]) -> int:
+        new = 0
+        for entry in entries:
+            old = self._records.get(entry.index)
+            if old is not None and old.line == entry.line:
+                continue  # a kept line of a resumed run
+            self._count(old, -1)
+            self._count(entry, +1)
+            self._records[entry.index] = entry
+            self.lines.append(entry.line)
+            new += 1
+            self.topic.publish(Event("result", entry.line, len(self.lines)))
+        return new
+
+    def _count(self, entry: _Entry | None, sign: int) -> None:
+        if entry is None:
+            return
+        if entry.status == "ok":
+            self.ok += sign
+        elif entry.status == "failed":
+            self.failed += sign
+        for path in entry.paths:
+            if sign > 0:
+                self._paths[path] = entry.index
+            elif self._paths.get(path) == entry.index:
+                del self._paths[path]
+
+
+def _parse(raw: bytes) -> _Entry | None:
+    try:
+        line = raw.decode("utf-8")
+        record: Any = json.loads(line)
+        index = record["index"]
+        status = record["status"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn line of a killed run
+    if not isinstance(index, int) or status not in ("ok", "failed"):
+        return None
+    if status == "failed" and str(record.get("error") or "").startswith(DUPLICATE):
+        status = "duplicate"
+    paths = tuple(p for p in (record.get("path"), record.get("thumbnail")) if isinstance(p, str))
+    return _Entry(index, line, status, paths if status == "ok" else ())
+
+
+class Feeds:
+    """The feed of every running job, and of a few others clients asked about lately
+    (a feed holds its manifest's lines: it is dropped when nobody needs it)."""
+
+    def __init__(self, jobs_dir: Path, keep: int = 4) -> None:
+        self._dir = jobs_dir
+        self._keep = keep
+        self._feeds: dict[str, Feed] = {}  # least recently used first
+        self._pinned: set[str] = set()
+
+    def get(self, job_id: str) -> Feed:
+        feed = self._feeds.pop(job_id, None) or Feed(self._dir / job_id)
+        self._feeds[job_id] = feed
+        idle = [k for k, f in self._feeds.items() if k not in self._pinned and not f.topic.queues]
+        for key in idle[: max(0, len(idle) - self._keep)]:
+            del self._feeds[key]
+        return feed
+
+    def peek(self, job_id: str) -> Feed | None:
+        return self._feeds.get(job_id)
+
+    def pin(self, job_id: str) -> Feed:
+        self._pinned.add(job_id)
+        return self.get(job_id)
+
+    def unpin(self, job_id: str) -> None:
+        self._pinned.discard(job_id)
+
+    def close_all(self) -> None:
+        for feed in self._feeds.values():
+            feed.topic.close_all()

@@ -1,0 +1,93 @@
+"""The process one service job runs in: ``python -m downloader.service.job SPEC OUT PARENT``.
+
+It runs the CLI's pipeline on ``OUT`` (``--resume`` once a manifest is there), prints one
+JSON ``JobEnd`` line on stdout and exits with the CLI's codes. It never outlives the
+service: the service holds the other end of its stdin, so EOF means the service is gone
+(however it died), and a parent-death signal backs that up; either stops the run the way
+Ctrl-C does, and a stop that does not finish in ``GRACE_S`` exits at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from ..storage import MANIFEST
+from .spec import JobSpec, job_settings
+
+GRACE_S = 20.0
+_PR_SET_PDEATHSIG = 1
+_stopping = threading.Lock()
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """The job process's last word on stdout."""
+
+    summary: str
+    images_per_s: float
+    note: str | None
+
+
+def stop(*_: object) -> None:
+    """Stop the run as Ctrl-C does, once; give up waiting after ``GRACE_S``."""
+    if not _stopping.acquire(blocking=False):
+        return
+    timer = threading.Timer(GRACE_S, os._exit, args=(130,))
+    timer.daemon = True
+    timer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    def watch_stdin() -> None:
+        while os.read(0, 65536):
+            pass
+        stop()
+
+    signal.signal(signal.SIGUSR1, _on_parent_death)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
+    if os.getppid() != parent:  # gone before the signal was armed
+        stop()
+    threading.Thread(target=watch_stdin, daemon=True, name="service-watch").start()
+
+
+def _on_parent_death(signum: int, frame: FrameType | None) -> None:
+    stop()
+
+
+def _run(spec_path: Path, out: Path) -> int:
+    from ..cli import exit_code
+    from ..pipeline import run
+
+    spec = JobSpec.from_json(spec_path.read_text("utf-8"))
+    urls = spec_path.with_suffix(".urls") if spec.urls is not None else None
+    values = dict(spec.values)
+    values["resume"] = (out / MANIFEST).exists()
+    settings = job_settings(values, out, urls)
+    report = run(settings, None, keep_results=False)
+    end = JobEnd(report.summary(), report.images_per_s, report.note)
+    print(json.dumps(dataclasses.asdict(end)), flush=True)
+    return exit_code(settings, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import guarded
+
+    spec, out, parent = argv if argv is not None else sys.argv[1:]
+    _watch_parent(int(parent))
+    return guarded(lambda: _run(Path(spec), Path(out)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

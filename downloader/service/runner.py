@@ -1,0 +1,319 @@
+"""Runs queued jobs, at most ``max_jobs`` at once, each in a child process of its own.
+
+The child (``downloader.service.job``) runs the CLI's pipeline on the job's folder; the
+runner follows it through the manifest, keeps the store's counts and states, and tells
+listeners. Exit codes are the CLI's: 0 and 1 end ``done``; 130 after a cancel ends
+``cancelled``; a child that reports its folder in use (an earlier child still stopping)
+is started again a few times; anything else ends ``failed`` with the child's last line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .feed import Event, Feed, Feeds, Topic
+from .job import JobEnd
+from .store import JobRow, Store
+
+log = logging.getLogger("downloader.service")
+
+POLL_S = 0.2  # the manifest is flushed every 0.2 s
+TICK_S = 1.0  # progress events and stored counts, while they move
+IN_USE = "in use by another download"
+IN_USE_TRIES = 6
+STOP_WAIT_S = 30.0
+
+
+@dataclass
+class _Active:
+    row: JobRow
+    feed: Feed
+    proc: asyncio.subprocess.Process | None = None
+    cancel: bool = False
+
+
+@dataclass
+class _Outcome:
+    code: int
+    last_line: str = ""
+    end: JobEnd | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        data: Path,
+        max_jobs: int,
+        events: Topic,
+        feeds: Feeds,
+    ) -> None:
+        self.store = store
+        self.data = data
+        self.max_jobs = max_jobs
+        self.events = events
+        self.feeds = feeds
+        self._active: dict[str, _Active] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for row in self.store.recover():
+            log.info("job %s queued again, to resume", row.id)
+        self._loop = asyncio.create_task(self._schedule())
+
+    async def stop(self) -> None:
+        """Stop running jobs as Ctrl-C stops a CLI run; they resume at the next start."""
+        self._stopping.set()
+        self._wake.set()
+        for active in self._active.values():
+            if active.proc is not None and active.proc.returncode is None:
+                active.proc.send_signal(signal.SIGTERM)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
+        for active in self._active.values():  # pragma: no cover - a child that hangs
+            if active.proc is not None and active.proc.returncode is None:
+                active.proc.kill()
+        if self._tasks:  # pragma: no cover
+            await asyncio.wait(self._tasks)
+        if self._loop is not None:
+            await self._loop
+        self.store.recover()
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def counts(self, row: JobRow) -> tuple[int, int]:
+        active = self._active.get(row.id)
+        return (active.feed.ok, active.feed.failed) if active else (row.ok, row.failed)
+
+    def render(self, row: JobRow) -> str:
+        """The job object as JSON text (``spec`` is the body as sent, stored as JSON)."""
+        ok, failed = self.counts(row)
+        head = {
+            "id": row.id, "state": row.state, "ok": ok, "failed": failed, "total": row.total,
+            "created_at": row.created_at, "started_at": row.started_at,
+            "finished_at": row.finished_at, "images_per_s": row.images_per_s,
+            "summary": row.summary, "error": row.error,
+        }  # fmt: skip
+        return json.dumps(head, separators=(",", ":"))[:-1] + ',"spec":' + row.body + "}"
+
+    # ------------------------------------------------------------------ requests
+
+    def submitted(self, row: JobRow) -> None:
+        log.info("job %s queued", row.id)
+        self._changed(row)
+        self._wake.set()
+
+    def cancel(self, row: JobRow) -> bool:
+        """Cancel a queued or running job; False when it has already ended."""
+        active = self._active.get(row.id)
+        if active is not None:
+            active.cancel = True
+            if active.proc is not None and active.proc.returncode is None:
+                active.proc.send_signal(signal.SIGTERM)
+            return True
+        if row.state != "queued":
+            return False
+        self._finished(self.store.move(row.id, "cancelled"))
+        return True
+
+    def retry(self, row: JobRow) -> bool:
+        if not row.final or row.id in self._active:
+            return False
+        self.submitted(self.store.move(row.id, "queued", error=None, finished_at=None))
+        return True
+
+    # ------------------------------------------------------------------ scheduling
+
+    async def _schedule(self) -> None:
+        while not self._stopping.is_set():
+            while len(self._active) < self.max_jobs:
+                row = self.store.next_queued(set(self._active))
+                if row is None:
+                    break
+                self._active[row.id] = _Active(row, self.feeds.pin(row.id))
+                task = asyncio.create_task(self._run_job(row.id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _run_job(self, job_id: str) -> None:
+        active = self._active[job_id]
+        try:
+            await _reap_stale(active.row)
+            outcome: _Outcome | None = None
+            for attempt in range(IN_USE_TRIES):
+                if active.cancel or self._stopping.is_set():
+                    break
+                outcome = await self._run_once(active)
+                if not (outcome.code == 2 and IN_USE in outcome.last_line):
+                    break
+                log.info("job %s: its folder is still in use; trying again", job_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 0.25 * 2**attempt)
+            if outcome is None:  # never started: cancelled, or the service is stopping
+                if active.cancel:
+                    self._finished(self.store.move(job_id, "cancelled"))
+                return
+            await active.feed.poll()
+            self._end(active, outcome)
+        except Exception:  # pragma: no cover - a bug here must not stop other jobs
+            log.exception("job %s: the service failed to run it", job_id)
+            self._finished(self.store.move(job_id, "failed", error="internal service error"))
+        finally:
+            del self._active[job_id]
+            self.feeds.unpin(job_id)
+            self._wake.set()
+
+    async def _run_once(self, active: _Active) -> _Outcome:
+        job_id = active.row.id
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "downloader.service.job",
+            str(self.data / "specs" / f"{job_id}.json"), str(self.data / "jobs" / job_id),
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+        )  # fmt: skip
+        active.proc = proc
+        if active.cancel or self._stopping.is_set():  # asked while it was starting
+            proc.send_signal(signal.SIGTERM)
+        row = self.store.start(job_id, proc.pid)
+        active.row = row
+        log.info("job %s running (pid %d)", job_id, proc.pid)
+        self._changed(row)
+        out_task = asyncio.create_task(_read_all(proc.stdout))
+        err_task = asyncio.create_task(_read_lines(proc.stderr, job_id))
+        await self._follow(active, proc)
+        stdout, tail = await out_task, await err_task
+        assert proc.stdin is not None
+        proc.stdin.close()
+        code = proc.returncode if proc.returncode is not None else -1
+        return _Outcome(code, tail[-1] if tail else "", _job_end(stdout), tail)
+
+    async def _follow(self, active: _Active, proc: asyncio.subprocess.Process) -> None:
+        exited = asyncio.create_task(proc.wait())
+        counts = (0, 0)
+        last_tick = time.monotonic()
+        while not exited.done():
+            await asyncio.wait([exited], timeout=POLL_S)
+            await active.feed.poll()
+            if time.monotonic() - last_tick >= TICK_S:
+                last_tick = time.monotonic()
+                text = self.render(active.row)
+                active.feed.topic.publish(Event("progress", text))
+                now_counts = (active.feed.ok, active.feed.failed)
+                if now_counts != counts:
+                    counts = now_counts
+                    self.store.set_counts(active.row.id, *counts)
+                    self.events.publish(Event("job", text))
+
+    # ------------------------------------------------------------------ endings
+
+    def _end(self, active: _Active, outcome: _Outcome) -> None:
+        job_id, code, feed = active.row.id, outcome.code, active.feed
+        self.store.set_counts(job_id, feed.ok, feed.failed)
+        if self._stopping.is_set() and not active.cancel and code not in (0, 1):
+            log.info("job %s stopped with the service; it resumes at the next start", job_id)
+            return  # still "running" in the store: stop() queues it again
+        if code in (0, 1):
+            end = outcome.end
+            fields = {"summary": end.summary, "images_per_s": end.images_per_s} if end else {}
+            row = self.store.move(job_id, "done", error=None, **fields)
+        elif active.cancel:
+            row = self.store.move(job_id, "cancelled")
+        else:
+            row = self.store.move(job_id, "failed", error=_reason(outcome))
+        self._finished(row)
+
+    def _finished(self, row: JobRow) -> None:
+        detail = row.summary or row.error or ""
+        log.info("job %s %s%s", row.id, row.state, f": {detail}" if detail else "")
+        text = self._changed(row)
+        feed = self.feeds.peek(row.id)
+        if feed is not None:
+            feed.topic.publish(Event("end", text))
+
+    def _changed(self, row: JobRow) -> str:
+        text = self.render(row)
+        self.events.publish(Event("job", text))
+        return text
+
+
+def _reason(outcome: _Outcome) -> str:
+    line = outcome.last_line.removeprefix("error: ").strip()
+    if outcome.code < 0:
+        name = signal.Signals(-outcome.code).name
+        return f"the job's process was killed by {name}" + (f" ({line})" if line else "")
+    if outcome.code == 130:
+        return "the job's process was interrupted (exit code 130)"
+    return line or f"the job's process exited with code {outcome.code}"
+
+
+def _job_end(stdout: bytes) -> JobEnd | None:
+    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            data = json.loads(line)
+            return JobEnd(data["summary"], float(data["images_per_s"]), data["note"])
+    return None
+
+
+async def _read_all(stream: asyncio.StreamReader | None) -> bytes:
+    return await stream.read() if stream is not None else b""
+
+
+async def _read_lines(stream: asyncio.StreamReader | None, job_id: str) -> list[str]:
+    """The child's stderr, logged line by line; its last few lines are kept."""
+    tail: list[str] = []
+    if stream is None:
+        return tail
+    async for raw in stream:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            log.info("job %s: %s", job_id, line)
+            tail = [*tail[-4:], line]
+    return tail
+
+
+async def _reap_stale(row: JobRow) -> None:
+    """Wait for the process of this job a killed service left behind (it stops when it
+    notices its parent is gone), so two processes never work on one folder."""
+    if row.pid is None or not _is_job_process(row.pid, row.id):
+        return
+    log.info("job %s: waiting for its previous process (pid %d) to stop", row.id, row.pid)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _is_job_process(row.pid, row.id):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(row.pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+
+
+def _is_job_process(pid: int, job_id: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return (
+        state != "Z"
+        and b"downloader.service.job" in cmdline
+        and any(job_id.encode() in part for part in cmdline)
+    )

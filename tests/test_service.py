@@ -1,0 +1,286 @@
+"""The job service's HTTP API, through aiohttp's test client (jobs run in real child
+processes against their own built-in server: ``local`` jobs, small counts)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from downloader.service.app import SETTINGS, make_app
+from downloader.settings import load_settings
+
+TOKEN = "s3cret-token"
+SMALL = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 4}}
+
+
+def service_settings(data: Path, **service: Any) -> Any:
+    overrides = {"service.data": data, **{f"service.{k}": v for k, v in service.items()}}
+    return load_settings(environ={}, overrides=overrides)
+
+
+async def _client(data: Path, **service: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = TestClient(
+        TestServer(make_app(service_settings(data, **service)))
+    )
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    client = await _client(tmp_path / "data")
+    yield client
+    await client.close()
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def submit(client: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
+    response = await client.post("/api/v1/jobs", json={**SMALL, **body})
+    assert response.status == 201, await response.text()
+    job: dict[str, Any] = await response.json()
+    return job
+
+
+async def finished(client: TestClient[Any, Any], job_id: str) -> dict[str, Any]:
+    async def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = await (await client.get(f"/api/v1/jobs/{job_id}")).json()
+        return job if job["state"] in ("done", "failed", "cancelled") else None
+
+    result: dict[str, Any] = await until(ended, f"job {job_id} to end")
+    return result
+
+
+async def sse(client: TestClient[Any, Any], path: str) -> list[tuple[str, Any]]:
+    """Every event of a stream that ends by itself (a job's stream ends at ``end``)."""
+    events, kind = [], ""
+    async with client.get(path) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    return events
+
+
+async def test_a_job_runs_to_done_and_its_results_replay(client: TestClient[Any, Any]) -> None:
+    job = await submit(client, count=6)
+    assert job["state"] == "queued" and job["total"] == 6
+    assert job["spec"] == {**SMALL, "count": 6}
+    assert 10 <= len(job["id"]) <= 32
+    done = await finished(client, job["id"])
+    assert (done["state"], done["ok"], done["failed"]) == ("done", 6, 0)
+    assert done["started_at"] and done["finished_at"].endswith("Z") and done["summary"]
+    lines = (await (await client.get(f"/api/v1/jobs/{job['id']}/manifest")).text()).splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == list(range(6))
+    events = await sse(client, f"/api/v1/jobs/{job['id']}/events")  # a late client
+    results = [data["index"] for kind, data in events if kind == "result"]
+    assert sorted(results) == list(range(6))  # every result, once each
+    assert events[-1][0] == "end" and events[-1][1]["state"] == "done"
+    record = json.loads(lines[0])
+    image = await client.get(f"/files/{job['id']}/{record['path']}")
+    assert image.status == 200 and image.headers["Content-Type"] == "image/jpeg"
+    assert len(await image.read()) == record["bytes"]
+    thumb = await client.get(f"/files/{job['id']}/{record['thumbnail']}")
+    assert thumb.status == 200
+    listed = await (await client.get("/api/v1/jobs?state=done&limit=5")).json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    health = await (await client.get("/api/v1/health")).json()
+    assert health["status"] == "ok" and health["running"] == 0 and health["queued"] == 0
+
+
+async def test_a_client_following_a_running_job_misses_nothing(
+    client: TestClient[Any, Any],
+) -> None:
+    job = await submit(client, count=40, server={"latency_ms": 100}, http={"concurrency": 2})
+
+    async def some_done() -> bool:
+        state = await (await client.get(f"/api/v1/jobs/{job['id']}")).json()
+        return bool(state["ok"] >= 3)
+
+    await until(some_done, "a few images")
+    events = await sse(client, f"/api/v1/jobs/{job['id']}/events")  # joins mid-run
+    results = [data["index"] for kind, data in events if kind == "result"]
+    assert sorted(results) == list(range(40))
+    assert "progress" in {kind for kind, _ in events}
+    assert events[-1][1]["ok"] == 40
+
+
+BAD_INPUT = [
+    ("malformed JSON", b'{"count": 3', 400, "malformed JSON body"),
+    ("a JSON array", b"[1, 2]", 400, "must be a JSON object"),
+    ("unknown key", b'{"colour": "red"}', 400, "unknown config key 'colour'"),
+    ("wrong type", b'{"count": "many"}', 400, "count (from the job) must be an integer"),
+    ("count 0", b'{"count": 0}', 400, "count must be at least 1"),
+    ("unknown backend", b'{"backend": "gpu"}', 400, "backend must be one of"),
+    ("out given", b'{"out": "/etc"}', 400, "out is set by the service"),
+    ("resume given", b'{"resume": true}', 400, "resume is set by the service"),
+    ("server.port", b'{"server": {"port": 80}}', 400, "server.port is set by the service"),
+    ("service key", b'{"service": {"token": "x"}}', 400, "service.token is set by the service"),
+    ("dask key", b'{"dask": {"scheduler": "tcp://x:1"}}', 400, "dask.scheduler is set"),
+    ("urls a string", b'{"urls": "/etc/passwd"}', 400, "urls must be a JSON array"),
+    ("urls not strings", b'{"urls": [1]}', 400, "urls[0] must be a string"),
+    ("count over cap", b'{"count": 100001}', 400, "over this service's cap of 100000"),
+    ("concurrency over cap", b'{"http": {"concurrency": 999}}', 400, "service.max_concurrency"),
+    ("bad template", b'{"url": "ftp://x/{i}"}', 400, "http"),
+    ("NaN", b'{"http": {"rate": NaN}}', 400, "malformed JSON body"),
+    ("a 2 MiB body", b'{"urls": ["' + b"a" * (2 * 2**20) + b'"]}', 413, "1 MiB"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])  # fmt: skip
+async def test_bad_input_is_one_line_and_the_service_stays_up(
+    client: TestClient[Any, Any], body: bytes, status: int, message: str
+) -> None:
+    response = await client.post("/api/v1/jobs", data=io.BytesIO(body))
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert message in error and "\n" not in error
+    assert (await (await client.get("/api/v1/jobs")).json()) == {"jobs": []}
+    assert (await client.get("/api/v1/health")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/api/v1/jobs/nosuchjob", 404),
+        ("GET", "/api/v1/jobs/bad%20id!", 404),
+        ("DELETE", "/api/v1/jobs/nosuchjob", 404),
+        ("POST", "/api/v1/jobs/nosuchjob/retry", 404),
+        ("GET", "/api/v1/jobs/nosuchjob/events", 404),
+        ("GET", "/api/v1/nothing", 404),
+        ("PUT", "/api/v1/jobs", 405),
+        ("GET", "/api/v1/jobs?limit=0", 400),
+        ("GET", "/api/v1/jobs?state=lost", 400),
+    ],
+)
+async def test_unknown_things_are_json_errors(
+    client: TestClient[Any, Any], method: str, path: str, status: int
+) -> None:
+    response = await client.request(method, path)
+    assert response.status == status
+    assert "\n" not in (await response.json())["error"]
+
+
+async def test_files_are_only_what_the_manifest_lists(client: TestClient[Any, Any]) -> None:
+    first, second = await submit(client, count=2), await submit(client, count=2)
+    await finished(client, first["id"])
+    await finished(client, second["id"])
+    listed = json.loads((await (await client.get(f"/api/v1/jobs/{first['id']}/manifest")).text())
+                        .splitlines()[0])  # fmt: skip
+    a, b, name = first["id"], second["id"], listed["path"]
+    assert (await client.get(f"/files/{a}/{name}")).status == 200
+    for path in [
+        f"/files/{a}/manifest.jsonl",
+        f"/files/{a}/../{b}/{name}",
+        f"/files/{a}/%2e%2e/{b}/{name}",
+        f"/files/{a}/..%2f{b}%2f{name}",
+        f"/files/{a}/%2e%2e%2f%2e%2e%2fjobs.sqlite",
+        f"/files/{a}//etc/passwd",
+        f"/files/{a}/%2fetc%2fpasswd",
+        f"/files/{a}/thumbnails",
+        f"/files/{a}/thumbnails/../{name}",
+        f"/files/{a}/.downloader.lock",
+        f"/files/..%2f{a}/{name}",
+        f"/files/nosuchjob/{name}",
+    ]:
+        assert await raw_status(client, path) == 404, path
+
+
+async def raw_status(client: TestClient[Any, Any], path: str) -> int:
+    """GET ``path`` exactly as written (a client library would normalise ``..``)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status = int((await reader.readline()).split()[1])
+    writer.close()
+    await writer.wait_closed()
+    return status
+
+
+async def test_cancel_and_retry_follow_the_state_rules(client: TestClient[Any, Any]) -> None:
+    slow = await submit(client, count=200, server={"latency_ms": 100}, http={"concurrency": 2})
+    assert (await client.post(f"/api/v1/jobs/{slow['id']}/retry")).status == 409
+
+    async def running() -> bool:
+        job = await (await client.get(f"/api/v1/jobs/{slow['id']}")).json()
+        return bool(job["ok"] >= 2)
+
+    await until(running, "the job to fetch")
+    assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 202
+    cancelled = await finished(client, slow["id"])
+    assert cancelled["state"] == "cancelled" and 2 <= cancelled["ok"] < 200
+    assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 409
+    assert client.server.app is not None
+    out = client.server.app[SETTINGS].service.data / "jobs" / slow["id"]
+    assert_every_file_has_its_line(out)
+    assert (await client.post(f"/api/v1/jobs/{slow['id']}/retry")).status == 202
+
+
+def assert_every_file_has_its_line(out: Path) -> None:
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    listed = {r["path"] for r in records if r["path"]} | {
+        r["thumbnail"] for r in records if r["thumbnail"]
+    }
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    on_disk -= {"manifest.jsonl"}
+    on_disk = {p for p in on_disk if not Path(p).name.startswith(".")}
+    assert on_disk == listed
+    assert not [p for p in out.rglob("*.part")]
+
+
+async def test_token_guards_api_and_files_not_health_or_login(tmp_path: Path) -> None:
+    client = await _client(tmp_path / "data", token=TOKEN)
+    try:
+        assert (await client.get("/api/v1/health")).status == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = await client.get("/api/v1/jobs", headers=headers)
+            assert response.status == 401
+            assert "token" in (await response.json())["error"]
+            assert (await client.get("/files/abc/x.jpg", headers=headers)).status == 401
+            assert (await client.get("/api/v1/events", headers=headers)).status == 401
+        ok = await client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status == 200
+        assert "Access-Control-Allow-Origin" not in ok.headers
+        assert (await client.post("/api/v1/login", json={"token": "wrong"})).status == 401
+        login = await client.post("/api/v1/login", json={"token": TOKEN})
+        assert login.status == 204
+        cookie = login.cookies["downloader_token"]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+        assert (await client.get("/api/v1/jobs")).status == 200  # the cookie jar has it now
+    finally:
+        await client.close()
+
+
+async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
+    client = await _client(tmp_path / "data")
+    response = await client.get("/api/v1/events")
+    assert response.status == 200
+    job = await submit(client, count=1)
+    line = await asyncio.wait_for(response.content.readline(), 30)
+    assert line == b"event: job\n"
+    assert job["id"] in (await response.content.readline()).decode()
+    closing = asyncio.create_task(client.server.close())
+    # The service ends the stream as it stops (aiohttp would otherwise wait 60 s for it).
+    await asyncio.wait_for(response.content.read(), 30)
+    await asyncio.wait_for(closing, 30)
+    await client.close()

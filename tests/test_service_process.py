@@ -1,0 +1,237 @@
+"""The job service as a real process: kill -9 and restart, SIGTERM, --max-jobs, the
+security checks at start, and `download submit --wait` exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "process-test-token"
+SLOW = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 2},
+        "server": {"latency_ms": 100}}  # fmt: skip
+
+
+def download_command() -> list[str]:
+    script = Path(sys.executable).parent / "download"
+    return [str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DOWNLOADER_") and not k.lower().endswith("_proxy")
+    }
+    return {**env, **extra}
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    data: Path
+    token: str | None
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.call("GET", f"/api/v1/jobs/{job_id}").json()
+        return job
+
+    def submit(self, **body: Any) -> str:
+        response = self.call("POST", "/api/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def finished(self, job_id: str) -> dict[str, Any]:
+        def ended() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["state"] in ("done", "failed", "cancelled") else None
+
+        result: dict[str, Any] = until(ended, f"job {job_id} to end", timeout=90)
+        return result
+
+
+@contextlib.contextmanager
+def service(data: Path, *args: str, token: str | None = None) -> Iterator[Service]:
+    log = data.with_name(data.name + f"-{time.monotonic_ns()}.log")
+    env = clean_env(**({"DOWNLOADER_SERVICE_TOKEN": token} if token else {}))
+    command = [*download_command(), "service", "--port", "0", "--data", str(data), *args]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        port = until(lambda: _port(log) or proc.poll() is not None, "the service to listen")
+        assert proc.poll() is None, log.read_text()
+        yield Service(proc, f"http://127.0.0.1:{port}", log, data, token)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _port(log: Path) -> int | None:
+    found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", log.read_text())
+    return int(found.group(1)) if found else None
+
+
+def job_pid(data: Path, job_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(data / "jobs.sqlite")) as db:
+        pid: int = db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    return pid
+
+
+def history(data: Path) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(data / "jobs.sqlite")) as db:
+        return db.execute("SELECT job_id, state FROM history ORDER BY seq").fetchall()
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def ok_files(out: Path) -> dict[str, tuple[int, int]]:
+    """Each image the manifest shows ok, with its inode and mtime (a refetch replaces both)."""
+    found = {}
+    for line in (out / "manifest.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record["status"] == "ok":
+                stat = (out / record["path"]).stat()
+                found[record["path"]] = (stat.st_ino, stat.st_mtime_ns)
+    return found
+
+
+def test_kill_9_mid_job_then_restart_finishes_without_refetching(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with service(data, token=TOKEN) as first:
+        job_id = first.submit(count=40, **SLOW)
+        until(lambda: first.job(job_id)["ok"] >= 6, "a few images")
+        pid = job_pid(data, job_id)
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"DOWNLOADER_SERVICE_TOKEN" not in environ and TOKEN.encode() not in environ
+        first.proc.kill()
+        first.proc.wait(30)
+        until(lambda: gone(pid), "the job's process to stop with the service")
+    kept = ok_files(data / "jobs" / job_id)
+    assert len(kept) >= 6
+    with service(data, token=TOKEN) as second:
+        job = second.finished(job_id)
+        assert (job["state"], job["ok"], job["failed"]) == ("done", 40, 0)
+    after = ok_files(data / "jobs" / job_id)
+    assert len(after) == 40
+    assert {path: after[path] for path in kept} == kept  # not one kept image fetched again
+    states = [state for job, state in history(data) if job == job_id]
+    assert states == ["queued", "running", "queued", "running", "done"]
+
+
+def test_sigterm_stops_the_service_and_its_jobs_resume(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with service(data) as svc:
+        job_id = svc.submit(count=60, **SLOW)
+        until(lambda: svc.job(job_id)["ok"] >= 2, "a few images")
+        pid = job_pid(data, job_id)
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(60) == 0
+        assert gone(pid)
+    with contextlib.closing(sqlite3.connect(data / "jobs.sqlite")) as db:
+        assert db.execute("SELECT state FROM jobs").fetchone()[0] == "queued"
+    out = data / "jobs" / job_id
+    assert not list(out.rglob("*.part"))
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    names = {r["path"] for r in records if r["path"]}
+    assert {p.name for p in out.glob("*.jpg")} == names  # every file has its line
+
+
+def test_max_jobs_is_never_exceeded(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with service(data, "--max-jobs", "2") as svc:
+        ids = [svc.submit(count=3, local=True, thumbnails={"size": 0}) for _ in range(8)]
+        jobs = [svc.finished(job_id) for job_id in ids]
+    assert [(job["state"], job["ok"]) for job in jobs] == [("done", 3)] * 8
+    running, most = set(), 0
+    for job_id, state in history(data):
+        (running.add if state == "running" else running.discard)(job_id)
+        most = max(most, len(running))
+    assert most == 2
+    starts = [job_id for job_id, state in history(data) if state == "running"]
+    assert starts == ids  # in the order they came
+
+
+def test_start_refuses_unsafe_or_busy_setups(tmp_path: Path) -> None:
+    command = download_command()
+    exposed = subprocess.run([*command, "service", "--host", "0.0.0.0", "--data", str(tmp_path)],
+                             capture_output=True, env=clean_env(), timeout=60)  # fmt: skip
+    assert exposed.returncode == 2
+    assert exposed.stderr.decode().strip().splitlines() == [
+        "error: listening on 0.0.0.0 needs a token (--token or DOWNLOADER_SERVICE_TOKEN)"
+    ]
+    with service(tmp_path / "data") as svc:
+        busy = subprocess.run([*command, "service", "--port", "0", "--data", str(svc.data)],
+                              capture_output=True, env=clean_env(), timeout=60)  # fmt: skip
+        assert busy.returncode == 2
+        assert f"is in use by another service (pid {svc.proc.pid})" in busy.stderr.decode()
+
+
+def test_submit_wait_exits_with_the_jobs_code(tmp_path: Path) -> None:
+    with service(tmp_path / "data") as svc:
+
+        def submit(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [*download_command(), "submit", "--service", svc.url, "--wait", *args]
+            return subprocess.run(command, capture_output=True, text=True, env=clean_env(),
+                                  timeout=120)  # fmt: skip
+
+        ok = submit("-n", "3", "--local", "--thumbnail-size", "0")
+        assert ok.returncode == 0, ok.stderr
+        job = svc.job(ok.stdout.splitlines()[0])
+        assert (job["state"], job["ok"], job["spec"]["count"]) == ("done", 3, 3)
+        some_failed = submit("-n", "2", "--local", "--corrupt-rate", "1")
+        assert some_failed.returncode == 1
+        refused = submit("-n", "0", "--local")
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            "error: the service refused the job: count must be at least 1, got 0"
+        )
+        assert submit("--out", "x", "--local").returncode == 2
+        command = [*download_command(), "submit", "--service", svc.url, "--wait", "-n", "100",
+                   "--local", "--latency-ms", "200", "--concurrency", "1"]  # fmt: skip
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              env=clean_env()) as waiting:  # fmt: skip
+            assert waiting.stdout is not None
+            job_id = waiting.stdout.readline().decode().strip()
+            until(lambda: svc.job(job_id)["state"] == "running", "the job to run")
+            assert svc.call("DELETE", f"/api/v1/jobs/{job_id}").status_code == 202
+            assert waiting.wait(60) == 130
