@@ -284,3 +284,41 @@ async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
     await asyncio.wait_for(response.content.read(), 30)
     await asyncio.wait_for(closing, 30)
     await client.close()
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_jobs_cannot_reach_private_addresses_unless_allowed(
+    tmp_path: Path, image_server: Any, allow_private: bool
+) -> None:
+    client = await _client(tmp_path / "data", allow_private=allow_private)
+    try:
+        url = f"{image_server.base}/64/48?lock=3"  # the test server, on 127.0.0.1
+        response = await client.post(
+            "/api/v1/jobs", json={"urls": [url], "thumbnails": {"size": 0}}
+        )
+        job = await finished(client, (await response.json())["id"])
+        assert job["state"] == "done"
+        manifest = await (await client.get(f"/api/v1/jobs/{job['id']}/manifest")).text()
+        record = json.loads(manifest)
+        if allow_private:
+            assert (job["ok"], record["status"]) == (1, "ok")
+        else:
+            assert (job["failed"], record["status"]) == (1, "failed")
+            assert "http.block_private" in record["error"]
+    finally:
+        await client.close()
+
+
+async def test_the_page_is_served_without_a_token(tmp_path: Path) -> None:
+    client = await _client(tmp_path / "data", token=TOKEN)
+    try:
+        page = await client.get("/")
+        assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+        script = await client.get("/web/app.js")
+        assert script.headers["Content-Type"].startswith("text/javascript")
+        style = await client.get("/web/style.css")
+        assert style.headers["Content-Type"].startswith("text/css")
+        for path in ["/web/nope.js", "/web/..%2f__init__.py", "/web/.hidden", "/web/"]:
+            assert await raw_status(client, path) == 404, path
+    finally:
+        await client.close()

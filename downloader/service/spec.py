@@ -23,7 +23,7 @@ SERVICE_KEYS = frozenset(
     {"out", "resume", "retry_failed", "progress", "server.host", "server.port"}
 )
 SERVICE_SECTIONS = ("dask.", "service.")
-# netguard's setting: refuse loopback/private addresses on the connected address.
+# Refuses loopback/private/link-local addresses, checked on the address connected to.
 BLOCK_PRIVATE = "http.block_private"
 ORIGIN = "the job"
 
@@ -94,9 +94,9 @@ def job_settings(values: dict[str, Any], out: Path, urls_file: Path | None) -> S
 
 
 def with_block_private(values: dict[str, Any], service: Settings) -> dict[str, Any]:
-    """The values with netguard's private-address guard on, unless the service allows
-    private addresses or the job fetches from its own built-in server."""
-    if service.service.allow_private or values.get("local") or BLOCK_PRIVATE not in known_keys():
+    """The values with the private-address guard on, unless the service allows private
+    addresses or the job fetches from its own built-in server."""
+    if service.service.allow_private or values.get("local"):
         return values
     return {**values, BLOCK_PRIVATE: True}
 
