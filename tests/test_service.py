@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from downloader.service.app import SETTINGS, make_app
+from downloader.service.app import SETTINGS, STORE, make_app
 from downloader.settings import load_settings
 
 TOKEN = "s3cret-token"
@@ -218,7 +220,7 @@ async def raw_status(client: TestClient[Any, Any], path: str) -> int:
 
 
 async def test_cancel_and_retry_follow_the_state_rules(client: TestClient[Any, Any]) -> None:
-    slow = await submit(client, count=200, server={"latency_ms": 100}, http={"concurrency": 2})
+    slow = await submit(client, count=40, server={"latency_ms": 100}, http={"concurrency": 2})
     assert (await client.post(f"/api/v1/jobs/{slow['id']}/retry")).status == 409
 
     async def running() -> bool:
@@ -228,12 +230,35 @@ async def test_cancel_and_retry_follow_the_state_rules(client: TestClient[Any, A
     await until(running, "the job to fetch")
     assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 202
     cancelled = await finished(client, slow["id"])
-    assert cancelled["state"] == "cancelled" and 2 <= cancelled["ok"] < 200
+    assert cancelled["state"] == "cancelled" and 2 <= cancelled["ok"] < 40
     assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 409
     assert client.server.app is not None
     out = client.server.app[SETTINGS].service.data / "jobs" / slow["id"]
     assert_every_file_has_its_line(out)
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.jpg")}
     assert (await client.post(f"/api/v1/jobs/{slow['id']}/retry")).status == 202
+    again = await finished(client, slow["id"])
+    assert (again["state"], again["ok"], again["failed"]) == ("done", 40, 0)
+    assert {name: (out / name).stat().st_ino for name in kept} == kept  # none fetched again
+    assert_every_file_has_its_line(out)
+
+
+async def test_a_job_whose_process_dies_fails_with_the_reason(
+    client: TestClient[Any, Any],
+) -> None:
+    job = await submit(client, count=40, server={"latency_ms": 100}, http={"concurrency": 2})
+    assert client.server.app is not None
+    store = client.server.app[STORE]
+
+    async def pid() -> int | None:
+        row = store.get(job["id"])
+        return row.pid if row is not None and row.state == "running" else None
+
+    os.kill(await until(pid, "the job's process"), signal.SIGKILL)
+    ended = await finished(client, job["id"])
+    assert ended["state"] == "failed"
+    assert ended["error"] == "the job's process was killed by SIGKILL"
+    assert (await (await client.get("/api/v1/health")).json())["status"] == "ok"
 
 
 def assert_every_file_has_its_line(out: Path) -> None:

@@ -233,12 +233,12 @@ class Runner:
         if self._stopping.is_set() and not active.cancel and code not in (0, 1):
             log.info("job %s stopped with the service; it resumes at the next start", job_id)
             return  # still "running" in the store: stop() queues it again
+        end = outcome.end
+        fields = {"summary": end.summary, "images_per_s": end.images_per_s} if end else {}
         if code in (0, 1):
-            end = outcome.end
-            fields = {"summary": end.summary, "images_per_s": end.images_per_s} if end else {}
             row = self.store.move(job_id, "done", error=None, **fields)
         elif active.cancel:
-            row = self.store.move(job_id, "cancelled")
+            row = self.store.move(job_id, "cancelled", **fields)
         else:
             row = self.store.move(job_id, "failed", error=_reason(outcome))
         self._finished(row)
