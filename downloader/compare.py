@@ -79,6 +79,7 @@ class Run:
     p50_ms: float
     p95_ms: float
     processes: int = 1  # most processes seen at once in the run's tree
+    process_wall_s: float = 0.0  # from the run's spawn to its exit, start-up included
 
 
 @dataclass
@@ -100,6 +101,13 @@ class Row:
     @property
     def mb_per_s(self) -> float:
         return self.median("bytes") / 1e6 / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def cores(self) -> float:
+        """CPU seconds per second of the run's life: at most 1 for work that holds one GIL,
+        however loaded the machine is; more only where processes run at once."""
+        per_run = [run.cpu_s / run.process_wall_s for run in self.runs if run.process_wall_s]
+        return float(statistics.median(per_run)) if per_run else 0.0
 
     @property
     def cpu_ms_per_image(self) -> float:
@@ -258,6 +266,7 @@ def run_one(settings: Settings, repeat: int, scratch: Path) -> Run:
         cpu_s=tree["cpu_s"],
         peak_rss_mb=tree["tree_rss_mb"],
         processes=tree["procs"],
+        process_wall_s=tree["wall_s"],
         **numbers,
     )
 
