@@ -171,6 +171,14 @@ function fillProgress(bar, text, job) {
   text.textContent = label;
 }
 
+// The run's own figure once it is known; while it runs, images so far over time so far.
+function rateText(job) {
+  if (typeof job.images_per_s === "number") return `${job.images_per_s.toFixed(1)} images/s`;
+  const s = seconds(job);
+  if (job.state !== "running" || !s) return "";
+  return `≈ ${(((job.ok || 0) + (job.failed || 0)) / s).toFixed(1)} images/s`;
+}
+
 function renderRow(job) {
   const row = jobRow(job.id);
   row.dataset.state = job.state;
@@ -179,9 +187,7 @@ function renderRow(job) {
   badge.dataset.state = job.state;
   row.querySelector(".job-what").textContent = describe(job);
   fillProgress(row.querySelector(".bar"), row.querySelector(".progress-text"), job);
-  const rate = job.images_per_s;
-  row.querySelector(".rate").textContent =
-    typeof rate === "number" && job.state !== "queued" ? `${rate.toFixed(1)} images/s` : "";
+  row.querySelector(".rate").textContent = rateText(job);
   row.querySelector(".elapsed").textContent = duration(seconds(job));
   row.querySelector(".cancel").hidden = FINAL.has(job.state);
   row.querySelector(".retry").hidden = !FINAL.has(job.state);
@@ -509,7 +515,9 @@ function openFromHash() {
 function tick() {
   for (const job of state.jobs.values()) {
     if (job.state === "running") {
-      state.rows.get(job.id).querySelector(".elapsed").textContent = duration(seconds(job));
+      const row = state.rows.get(job.id);
+      row.querySelector(".elapsed").textContent = duration(seconds(job));
+      row.querySelector(".rate").textContent = rateText(job);
     }
   }
 }
