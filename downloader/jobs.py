@@ -122,7 +122,8 @@ class Template:
             yield Job(index, self.render(index))
 
     def urls_for(self, indices: Collection[int]) -> dict[int, str]:
-        return {i: self.render(i) for i in indices if 0 <= i < self.count}
+        # Indices past count too: --unique's extra rounds go on from count.
+        return {i: self.render(i) for i in indices if i >= 0}
 
 
 def expand(template: Template, count: int, start: int = 0) -> Iterator[Job]:

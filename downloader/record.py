@@ -35,6 +35,11 @@ class Recorder:
         self.observer = observer
         self.keep_results = keep_results
 
+    def start(self, to_run: int | None, kept: int) -> None:
+        """Tell the observer how many jobs the run (or its next round) will fetch."""
+        if self.observer is not None:
+            self.observer.start(to_run, kept)
+
     def __call__(self, result: Result) -> None:
         self.manifest.write(result)
         self.report.add(result)

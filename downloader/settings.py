@@ -344,10 +344,6 @@ class Settings(Checked):
 
     def check(self) -> None:
         check(
-            not (self.unique and (self.resume or self.retry_failed)),
-            "--unique cannot be combined with --resume or --retry-failed",
-        )
-        check(
             not (self.urls == "-" and (self.resume or self.retry_failed)),
             "--resume and --retry-failed need a URL list file, not stdin",
         )

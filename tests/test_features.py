@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
-from conftest import ImageServer, make_settings
+from conftest import ImageServer, jpeg, make_settings
 from PIL import Image
 
 import downloader
@@ -176,6 +179,104 @@ def test_unique_with_index_template_uses_new_indices(small_pool: str, tmp_path: 
     # lock=i mod 12 on the server: indices 0..9 are distinct, and so are any 10 of 0..11.
     settings = make_settings("sync", out, small_pool + "/320/240?lock={i}", 10).replace(unique=True)
     assert run(settings).unique == 10
+
+
+def server_counts(base: str) -> Counter[str]:
+    with urllib.request.urlopen(base + "/__stats", timeout=10) as resp:
+        return Counter(json.loads(resp.read()))
+
+
+def ok_digests(out: Path) -> list[str]:
+    """The sha256 of every ok record, after checking its file has that content."""
+    digests = []
+    for record in lines(out):
+        if record["status"] == "ok":
+            data = (out / str(record["path"])).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == record["sha256"]
+            digests.append(str(record["sha256"]))
+    return digests
+
+
+def test_unique_resume_fetches_only_the_missing_images(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with server_thread(make_app(ServerSettings(seed=3, pool_size=12))) as server:
+        args = ["-n", "8", "--unique", "--url", server.base_url + "/320/240?lock={i}"]
+        args += ["--out", str(out), "-q"]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        by_index = {int(str(r["index"])): r for r in lines(out)}
+        for index in (2, 5):
+            (out / str(by_index[index]["path"])).unlink()
+        before = server_counts(server.base_url)
+        result = CliRunner().invoke(main, [*args, "--resume"])
+        fetched = server_counts(server.base_url) - before
+
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "6 kept" in result.stdout
+    entries = {key: n for key, n in fetched.items() if key.startswith("/320/240")}
+    assert entries == {"/320/240?lock=2": 1, "/320/240?lock=5": 1}
+    digests = ok_digests(out)
+    assert len(digests) == len(set(digests)) == 8
+    assert sorted(int(str(r["index"])) for r in lines(out)) == list(range(8))
+
+
+def test_unique_resume_counts_the_distinct_images_already_kept(
+    small_pool: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["-n", "10", "--unique", "--url", small_pool + "/320/240", "--out", str(out), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    kept = [r for r in lines(out) if r["status"] == "ok"]
+    for record in kept[:3]:
+        (out / str(record["path"])).unlink()
+    untouched = {str(r["path"]): (out / str(r["path"])).stat().st_mtime_ns for r in kept[3:]}
+
+    result = CliRunner().invoke(main, [*args, "--resume"])
+
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "7 kept" in result.stdout
+    digests = ok_digests(out)
+    assert len(digests) == len(set(digests)) == 10
+    images = [p for p in out.iterdir() if p.suffix == ".jpg"]
+    assert len(images) == 10
+    assert {p: (out / p).stat().st_mtime_ns for p in untouched} == untouched
+    records = lines(out)
+    assert len({r["index"] for r in records}) == len(records)  # one line per index
+    assert all("duplicate of image #" in str(r["error"]) for r in records if r["status"] != "ok")
+
+
+def test_unique_retry_failed_refetches_only_the_failed(tmp_path: Path) -> None:
+    """A URL list: odd entries fail until healed, the last repeats the first (a duplicate).
+    --retry-failed fetches the failed ones again, neither the kept ones nor the duplicate."""
+    healed = False
+    hits: Counter[int] = Counter()
+    app = make_app(ServerSettings(seed=1))
+
+    async def flip(request: web.Request) -> web.Response:
+        index = int(request.match_info["i"])
+        hits[index] += 1
+        if index % 2 and not healed:
+            raise web.HTTPNotFound(text="not yet")
+        return web.Response(body=jpeg(index), content_type="image/jpeg")
+
+    app.router.add_get("/flip/{i}", flip)
+    out = tmp_path / "out"
+    with server_thread(app) as server:
+        listing = tmp_path / "urls.txt"
+        urls = [f"{server.base_url}/flip/{i}" for i in (*range(6), 0)]
+        listing.write_text("\n".join(urls) + "\n")
+        args = ["--urls", str(listing), "--unique", "--retries", "0", "--out", str(out), "-q"]
+        assert CliRunner().invoke(main, args).exit_code == 1
+        healed = True
+        result = CliRunner().invoke(main, [*args, "--retry-failed"])
+
+    assert result.exit_code == 0, result.output + result.stderr
+    # /flip/0: index 0, and index 6 (its duplicate) in the first run only.
+    assert hits == {0: 2, 1: 2, 2: 1, 3: 2, 4: 1, 5: 2}
+    by_index = {int(str(r["index"])): r for r in lines(out)}
+    assert sorted(by_index) == list(range(7))
+    assert sorted(i for i, r in by_index.items() if r["status"] == "ok") == list(range(6))
+    assert "duplicate of image #0" in str(by_index[6]["error"])
+    assert len(set(ok_digests(out))) == 6
 
 
 # ---------------------------------------------------------------------------- names
