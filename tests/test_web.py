@@ -1,10 +1,11 @@
 """The service's page in a real browser: Debian's headless Chromium, driven by Selenium.
 
-A real ``download service`` runs on a free loopback port with a temporary data folder; the
-test uses the page as a person would: it starts a job from the form and watches it finish
-(progress bar and gallery), starts a slower one and cancels it, submits a bad count and
-reads the service's error next to the form. It saves a screenshot of the finished page;
-``UPDATE_SCREENSHOT=1`` puts it in ``docs/screenshot.png``, the one the README shows.
+A real ``download service`` runs with a token on a free loopback port and a temporary data
+folder; the test uses the page as a person would: it gives the token (a wrong one first),
+starts a job from the form and watches it finish (progress bar and gallery), submits a bad
+count and reads the service's error next to the form, starts a slower job and cancels it.
+It saves a screenshot of the finished page; ``UPDATE_SCREENSHOT=1`` puts it in
+``docs/screenshot.png``, the one the README shows.
 
 Without chromium and chromedriver the test fails under CI (``.ci/run`` installs them) and
 is skipped elsewhere, saying how to install them.
@@ -53,6 +54,7 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1280,1000",
 )
+TOKEN = "a-token-for-the-browser-test"
 SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 
 
@@ -71,14 +73,15 @@ def browser_paths() -> tuple[str, str]:
 
 
 class JobService:
-    """``download service`` on a free loopback port; stderr kept for failure messages."""
+    """``download service`` with a token on a free loopback port; stderr kept for failure
+    messages."""
 
     def __init__(self, data: Path) -> None:
         script = Path(sys.executable).parent / "download"
         command = [str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
         self.proc = subprocess.Popen(
-            [*command, "service", "--port", "0", "--data", str(data)],
+            [*command, "service", "--port", "0", "--data", str(data), "--token", TOKEN],
             cwd=data.parent,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -241,6 +244,28 @@ def save_screenshot(driver: WebDriver, path: Path) -> None:
 # ---------------------------------------------------------------------------- the test
 
 
+def live(driver: WebDriver) -> bool:
+    return bool(driver.find_element(By.ID, "live").text == "live")
+
+
+def signs_in(driver: WebDriver) -> None:
+    """The page asks for the token once; a wrong one is refused; none is kept or shown."""
+    wait_for(driver, "the token prompt", lambda d: d.find_element(By.ID, "token").is_displayed())
+    fill(driver, "token", "wrong")
+    driver.find_element(By.ID, "token").send_keys(Keys.ENTER)
+
+    def refused(d: WebDriver) -> bool:
+        return "wrong token" in d.find_element(By.ID, "login-error").text
+
+    wait_for(driver, "the wrong token refused", refused)
+    fill(driver, "token", TOKEN)
+    driver.find_element(By.ID, "token").send_keys(Keys.ENTER)
+    wait_for(driver, "the live event stream", live)
+    assert not driver.find_element(By.ID, "login").is_displayed()
+    assert TOKEN not in driver.current_url
+    assert driver.execute_script("return sessionStorage.length + localStorage.length") == 0
+
+
 def first_job_finishes(driver: WebDriver, base_url: str) -> str:
     """30 images from the built-in server: 30/30 in its bar, 30 thumbnails in its gallery."""
     assert driver.find_element(By.ID, "local").is_selected()
@@ -292,9 +317,7 @@ def test_the_page_starts_watches_and_cancels_jobs(
 ) -> None:
     driver, base_url = browser, str(service.url)
     driver.get(f"{base_url}/")
-    wait_for(
-        driver, "the live event stream", lambda d: d.find_element(By.ID, "live").text == "live"
-    )
+    signs_in(driver)
     first = first_job_finishes(driver, base_url)
     bad_count_is_refused(driver)
     second = second_job_is_cancelled(driver, first)
