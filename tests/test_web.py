@@ -330,6 +330,10 @@ def test_the_page_starts_watches_and_cancels_jobs(
     update = os.environ.get("UPDATE_SCREENSHOT") == "1"
     save_screenshot(driver, SCREENSHOT if update else tmp_path / "screenshot.png")
 
+    # No script error on the way (the 401s before the token are network entries).
+    errors = [e for e in driver.get_log("browser") if e.get("source") != "network"]
+    assert errors == []
+
     # At a phone's width nothing runs off the side.
     driver.set_window_size(390, 844)
     overflow = driver.execute_script(
