@@ -198,10 +198,9 @@ def _settings(request: Request, scenario: Scenario | None) -> Settings:
 
 
 def default_backends() -> str:
-    names = ["sync", "threads", "asyncio", "processes", "hybrid"]
-    if importlib.util.find_spec("distributed") is not None:
-        names.append("dask")
-    return ",".join(names)
+    """Every registered backend; dask only when ``distributed`` is installed."""
+    has_dask = importlib.util.find_spec("distributed") is not None
+    return ",".join(name for name in BACKENDS if name != "dask" or has_dask)
 
 
 def _first(*values: Any) -> Any:
