@@ -19,13 +19,14 @@ from downloader import busywork
 from downloader.cli import main
 from downloader.compare import (
     SCENARIOS,
+    Outcome,
     Row,
     Run,
     default_backends,
     settings_from_json,
     settings_to_json,
 )
-from downloader.scoreboard import advice, verdict
+from downloader.scoreboard import advice, verdict, write_chart, write_json
 from downloader.server import render_photo
 from downloader.settings import Settings, ThumbnailSettings
 from downloader.thumbnails import inspect_image
@@ -234,3 +235,29 @@ def test_advice_line_names_the_advised_backend_the_winner_and_sync() -> None:
         "measured winner: processes (as advised), 1.90x threads (next), 2.00x sync"
     )
     assert "asyncio not run" in advice([row("sync", 2.0), row("threads", 1.0)], io)
+
+
+def test_all_scenarios_chart_side_by_side_and_json_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+
+    def outcome(name: str) -> Outcome:
+        rows = [
+            Row(backend, [Run(backend, 0, 10, 0, 1000, wall, 1.0, 50.0, 1.0, 2.0)])
+            for backend, wall in (("sync", 4.0), ("processes", 2.0))
+        ]
+        return Outcome(SCENARIOS[name], Settings(local=True), rows)
+
+    one, three = tmp_path / "one.png", tmp_path / "three.png"
+    write_chart([outcome("gil")], one)
+    write_chart([outcome(name) for name in ("io", "cpu", "gil")], three)
+
+    def png_width(path: Path) -> int:
+        return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk
+
+    assert png_width(three) >= 2.5 * png_width(one)
+    out = tmp_path / "all.json"
+    write_json([outcome(name) for name in ("io", "cpu", "gil")], out)
+    data = json.loads(out.read_text())["scenarios"]
+    assert list(data) == ["io", "cpu", "gil"]
+    assert data["gil"]["advice"]["winner"] == "processes"
+    assert data["io"]["closing_line"].startswith("classic advice: asyncio for slow I/O")

@@ -253,8 +253,6 @@ def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) ->
             "asyncio", out, "http://x/{i}", 1, timeout=2.5, retries=0, concurrency=1
         )
         results: list[Result] = []
-        AsyncioBackend().run(
-            slow_stream(), settings.replace(urls="-"), results.append, StopToken()
-        )
+        AsyncioBackend().run(slow_stream(), settings.replace(urls="-"), results.append, StopToken())
     assert sorted(r.index for r in results) == [0, 1, 2, 3]
     assert all(r.ok for r in results), [r.error for r in results]
