@@ -49,8 +49,14 @@ def download(
 
     ``stop``: set it (from any thread) to stop the run cleanly; the report then says
     ``interrupted``. Runs outside the main thread too (then Ctrl-C is the caller's).
+
+    A run stopped by a storage fault (disk full, OUT removed or read-only...) raises
+    ``StorageFaultError`` once it has stopped; its ``report`` is the run's, complete.
     """
     from .pipeline import run
 
     settings = (settings or Settings()).replace(**overrides) if overrides else settings
-    return run(settings or Settings(), stop=stop)
+    report = run(settings or Settings(), stop=stop)
+    if report.fault:
+        raise StorageFaultError(report.fault, report=report)
+    return report

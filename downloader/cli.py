@@ -1,7 +1,8 @@
 """The ``download`` command: turns options into Settings and calls the pipeline.
 
 Every error a user can cause is one line on stderr and exit code 2; per-image failures
-give exit code 1; an interrupted run exits 130.
+give exit code 1; a run stopped by a storage fault (disk full, OUT gone...) exits 3; an
+interrupted run exits 130.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .errors import ConfigError, DownloaderError, StorageError
+from .errors import ConfigError, DownloaderError, StorageError, StorageFaultError
 from .settings import Declared, Settings, declared, load_settings
 
 if TYPE_CHECKING:
     from .result import Report
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 MAX_FAILURE_LINES = 10
 
 
@@ -42,6 +43,9 @@ def guarded(call: Callable[[], Any]) -> int:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         code = EXIT_USAGE
+    except StorageFaultError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = EXIT_STORAGE
     except (ConfigError, StorageError) as exc:
         click.echo(f"error: {exc}", err=True)
         code = EXIT_USAGE
@@ -159,6 +163,12 @@ def main(ctx: click.Context, /, **options: Any) -> int:
       download --backend asyncio -n 100 --local
       download --backend threads -n 50 --keywords cat,dog --size 640x480
       download serve --port 8080 --latency-ms 200
+
+    \b
+    Exit codes: 0 every image ok, 1 some images failed, 2 bad usage or
+    configuration, or OUT in use by another download, 3 stopped by a storage
+    fault (disk full, read-only, I/O error, OUT removed: fix it, then --resume),
+    130 interrupted.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = options
@@ -176,11 +186,16 @@ def _download(settings: Settings, verbose: int) -> int:
     click.echo(report.summary())
     if report.note:
         click.echo(report.note, err=True)
+    if report.fault:
+        click.echo(f"error: {report.fault}", err=True)
     return exit_code(settings, report)
 
 
 def exit_code(settings: Settings, report: Report) -> int:
-    """0 all ok, 1 some failed (or too few distinct images), 130 interrupted."""
+    """0 all ok, 1 some failed (or too few distinct images), 3 stopped by a storage fault,
+    130 interrupted."""
+    if report.fault:
+        return EXIT_STORAGE
     if report.interrupted:
         return EXIT_INTERRUPTED
     if settings.unique and not settings.urls:  # a list has no count to reach

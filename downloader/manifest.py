@@ -126,6 +126,15 @@ class ManifestWriter:
         if result.index in self._stale:
             self._superseded.append(self._stale.pop(result.index))
 
+    def fail(self, reason: str) -> None:
+        """Stop recording (a storage fault elsewhere, e.g. writing an image): each later
+        ``write`` removes the result's files and raises ``StorageFaultError``."""
+        self._fault = self._fault or reason
+
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
     def _swap(self) -> None:
         if self._tmp is None:
             return
@@ -144,16 +153,17 @@ class ManifestWriter:
 
     def close(self, commit: bool = True) -> None:
         """Swap the fresh file in if no result did yet (``commit``: a clean end), and drop
-        the stale lines this run superseded. May raise ``StorageFaultError``."""
+        the stale lines this run superseded. Never raises: a fresh file that cannot be
+        swapped in holds no line the previous manifest lacks."""
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(StorageFaultError):
             if commit and self._fault is None:
                 self._swap()
             self._compact()
-        finally:
-            if self._tmp is not None:
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
                 self._tmp.unlink(missing_ok=True)
 
     def _compact(self) -> None:
@@ -178,11 +188,7 @@ class ManifestWriter:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
-        if kind is None:
-            self.close()
-            return
-        with contextlib.suppress(StorageFaultError):  # the exception on its way matters more
-            self.close(commit=False)
+        self.close(commit=kind is None)
 
     def _append(self, line: bytes) -> None:
         """Append ``line`` whole: on a failed or short write, cut the file back to where

@@ -96,7 +96,7 @@ def _run_locked(
         plan = _plan(settings, source)
         report.skipped = len(plan.kept)
         with ManifestWriter(settings.out, plan.lines, plan.stale.values()) as manifest:
-            record = Recorder(manifest, report, observer, keep_results)
+            record = Recorder(manifest, report, observer, keep_results, stop)
             usage = _Usage()
             if settings.unique:
                 outcome = unique.run_rounds(backend, source, settings, plan, record, stop)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .errors import StorageFaultError
 from .manifest import ManifestWriter
 from .result import Report, Result
+from .stop import StopToken
 
 
 class Observer(Protocol):
@@ -21,6 +23,11 @@ class Recorder:
 
     The manifest line comes first: once a file is on disk, its line is what ``--resume``
     trusts; the report and the observer only count and show it.
+
+    A storage fault (a Result marked ``fault``, or a manifest line that cannot be written)
+    sets ``stop`` with its one-line reason, and from then on nothing is recorded: the
+    images still in flight are not blamed, their files are removed, and ``--resume``
+    fetches them again.
     """
 
     def __init__(
@@ -29,11 +36,13 @@ class Recorder:
         report: Report,
         observer: Observer | None = None,
         keep_results: bool = True,
+        stop: StopToken | None = None,
     ) -> None:
         self.manifest = manifest
         self.report = report
         self.observer = observer
         self.keep_results = keep_results
+        self.stop = stop
 
     def start(self, to_run: int | None, kept: int) -> None:
         """Tell the observer how many jobs the run (or its next round) will fetch."""
@@ -41,7 +50,16 @@ class Recorder:
             self.observer.start(to_run, kept)
 
     def __call__(self, result: Result) -> None:
-        self.manifest.write(result)
+        if result.fault:
+            self.manifest.fail(result.fault)
+        try:
+            self.manifest.write(result)  # after a fault: removes the result's files, raises
+        except StorageFaultError as exc:
+            if self.report.fault is None:
+                self.report.fault = str(exc)
+                if self.stop is not None:
+                    self.stop.set(str(exc))
+            return
         self.report.add(result)
         if self.keep_results:
             self.report.results.append(result)

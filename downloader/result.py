@@ -25,6 +25,9 @@ class Result:
     attempts: int = 0
     elapsed_ms: float = 0.0
     error: str | None = None
+    # A storage fault that will hit every later image too (disk full, OUT gone...): the
+    # one-line reason. Such a result stops the run and is never recorded.
+    fault: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -44,7 +47,7 @@ class Result:
         return cls(**fields)
 
 
-_RESULT_FIELDS = tuple(f.name for f in fields(Result))
+_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name != "fault")  # manifest fields
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Report:
     stop_reason: str | None = None  # what the stop token was set with
     unique: int | None = None  # --unique: distinct images kept
     note: str | None = None  # something the user must hear, e.g. why --unique gave up
+    fault: str | None = None  # the storage fault that stopped the run, in one line
 
     def add(self, result: Result) -> None:
         if result.ok:
@@ -102,4 +106,6 @@ class Report:
             f"p50 {self.percentile(50):.0f} ms, p95 {self.percentile(95):.0f} ms",
         ]
         text = ", ".join(parts)
+        if self.fault:
+            return f"stopped: {text}"
         return f"interrupted: {text}" if self.interrupted else text

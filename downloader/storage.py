@@ -129,10 +129,19 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_files(files: list[tuple[Path, bytes]]) -> None:
     """``write_atomic`` each (path, data) in order; a file already there with the same
-    bytes (a re-run shard, a resumed run) is recognised and left alone."""
-    for path, data in files:
-        if not _same_content(path, data):
-            write_atomic(path, data)
+    bytes (a re-run shard, a resumed run) is recognised and left alone. If one fails,
+    those this call wrote are taken back out: a failed image leaves no thumbnail."""
+    written: list[Path] = []
+    try:
+        for path, data in files:
+            if not _same_content(path, data):
+                write_atomic(path, data)
+                written.append(path)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _same_content(path: Path, data: bytes) -> bool:
@@ -177,10 +186,12 @@ def sweep_temps(out: Path) -> None:
     ``os.scandir``, not ``Path.glob``: glob lists the whole folder at once (measured +5 MB
     of peak memory over 20,000 images), scandir streams it."""
     for folder in (out, out / THUMBS):
-        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        # Best effort: after a storage fault, OUT may be gone or read-only.
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
-                    Path(entry.path).unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        Path(entry.path).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- faults
@@ -194,7 +205,7 @@ _FAULTS = {
     errno.EACCES: ("permission denied", "make it writable again"),
     errno.EPERM: ("permission denied", "make it writable again"),
 }
-RESUME_HINT = "then run the same command with --resume"
+RESUME_HINT = "run the same command with --resume"
 
 
 def storage_fault(exc: OSError, out: Path) -> str | None:
@@ -205,7 +216,7 @@ def storage_fault(exc: OSError, out: Path) -> str | None:
     OUT itself, not about the image."""
     if exc.errno in _FAULTS:
         cause, fix = _FAULTS[exc.errno]
-        return f"{cause} writing {out}: {fix}, {RESUME_HINT}"
+        return f"{cause} writing {out}: {fix}, then {RESUME_HINT}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         gone = out if not out.is_dir() else out / THUMBS
         if not gone.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from .jobs import Job, check_url
 from .politeness import HostGate
 from .result import Result
 from .settings import Settings
-from .storage import safe_name, thumbnail_name, write_files, write_files_async
+from .storage import safe_name, storage_fault, thumbnail_name, write_files, write_files_async
 from .thumbnails import ImageInfo, inspect_image
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def handle_sync(
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
+        return not_written(job, exc, start, fetched, settings)
     return success(job, fetched, info, saved, start)
 
 
@@ -103,7 +104,7 @@ async def handle_async(
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
-        return failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
+        return not_written(job, exc, start, fetched, settings)
     return success(job, fetched, info, saved, start)
 
 
@@ -115,6 +116,16 @@ def _sleep_until(stop: StopToken | None) -> Callable[[float], None]:
         stop.wait(seconds)
 
     return sleep
+
+
+def not_written(
+    job: Job, exc: OSError, start: float, fetched: Fetched | None, settings: Settings
+) -> Result:
+    """A failed Result for an image that could not be written; marked as a storage
+    fault when the cause will hit every later image as well (disk full, OUT gone...)."""
+    result = failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
+    fault = storage_fault(exc, settings.out)
+    return dataclasses.replace(result, fault=fault) if fault else result
 
 
 async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:

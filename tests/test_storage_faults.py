@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import ImageServer, jpeg, make_settings
+from conftest import CONTRACT_BACKENDS, ImageServer, jpeg, make_settings
 
 from downloader import OutputInUseError, StorageFaultError
 from downloader.lock import LOCK, OutputLock, holder
@@ -97,10 +98,13 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def cli_args(base_url: str, out: Path, count: int, backend: str = "asyncio") -> list[str]:
+def cli_args(
+    base_url: str, out: Path, count: int, backend: str = "asyncio", concurrency: int = 2
+) -> list[str]:
     url = base_url + "/{width}/{height}?lock={i}"
     return [
-        "--backend", backend, "-n", str(count), "--concurrency", "4", "--size", "64x48",
+        "--backend", backend, "-n", str(count), "--concurrency", str(concurrency),
+        "--size", "64x48", "--shard-size", "4",
         "--thumbnail-size", "16", "--url", url, "--out", str(out), "-q",
     ]  # fmt: skip
 
@@ -230,12 +234,12 @@ def test_a_run_killed_with_9_does_not_block_the_next(
     state, url = gate
     out = tmp_path / "pic"
     count = 12
-    args = ["--backend", "processes", "--concurrency", "2", "-n", str(count), "--url", url]
+    args = ["--concurrency", "2", "-n", str(count), "--url", url]
     args += ["--out", str(out), "-q"]
     with launched(args, tmp_path) as proc:
         wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
         assert holder(out) == proc.pid
-        os.kill(proc.pid, signal.SIGKILL)  # its pool workers may live on a moment
+        os.kill(proc.pid, signal.SIGKILL)  # its thumbnail pool may live on a moment
         proc.wait(timeout=30)
     assert holder(out) is None
     state.open.set()
@@ -261,7 +265,7 @@ CAUSES = {errno.ENOSPC: "no space left on device", errno.EIO: "I/O error",
           errno.EROFS: "read-only file system"}  # fmt: skip
 FIXES = {errno.ENOSPC: "free some space", errno.EIO: "check the disk",
          errno.EROFS: "make it writable again"}  # fmt: skip
-RESUME = "then run the same command with --resume"
+RESUME = "run the same command with --resume"
 
 
 class FailingWrite:
@@ -281,7 +285,7 @@ class FailingWrite:
         return done
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EROFS])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EROFS], ids=errno.errorcode.get)
 def test_a_failed_manifest_write_leaves_whole_lines_and_no_unlisted_file(
     code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,7 +299,7 @@ def test_a_failed_manifest_write_leaves_whole_lines_and_no_unlisted_file(
         writer.write(torn)
     monkeypatch.undo()
 
-    assert str(caught.value) == f"{CAUSES[code]} writing {tmp_path}: {FIXES[code]}, {RESUME}"
+    assert str(caught.value) == f"{CAUSES[code]} writing {tmp_path}: {FIXES[code]}, then {RESUME}"
     assert caught.value.lost == (torn,)
     assert sorted(assert_consistent(tmp_path)) == [0, 1, 2]  # image 3 is gone with its line
     # Once failed, the writer records nothing more, and removes what it is given.
@@ -353,3 +357,165 @@ def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
         assert run_cli([*args, "--retry-failed"], tmp_path).returncode == 1
         assert {i for i in range(count) if state.hits[i] > hits[i]} == failing
     assert sorted(assert_consistent(out)) == list(range(count))
+
+
+# ---------------------------------------------------------------------------- 4. faults
+
+FAULTY_DISK = Path(__file__).parent / "faulty_disk"  # a sitecustomize that breaks writes
+
+
+def fault_line(code: int, out: Path) -> str:
+    return f"error: {CAUSES[code]} writing {out}: {FIXES[code]}, then {RESUME}"
+
+
+def assert_stopped_by_fault(
+    proc: subprocess.CompletedProcess[str] | subprocess.Popen[str],
+    stdout: str,
+    stderr: str,
+    line: str,
+) -> None:
+    assert proc.returncode == 3, (stdout, stderr)
+    assert stderr.splitlines() == [line]
+    assert stdout.startswith("stopped: "), stdout
+
+
+def in_flight_bound(backend: str, concurrency: int, shard_size: int = 4) -> int:
+    """Requests a backend may start once a write has failed: two per connection (the one
+    running, and the one a worker takes while the fault is on its way to the recorder).
+    Dask cannot take back a shard once submitted (2 per worker thread, 2 workers, plus the
+    one sent as an earlier shard completes): each shard stops at its first fault, but may
+    have started all its jobs by then."""
+    if backend == "dask":
+        return (2 * 2 + 1) * shard_size
+    return 2 * concurrency
+
+
+# ENOSPC on every backend; the other faults on one each (they differ only in the message).
+DISK_FAULTS = [
+    *((backend, errno.ENOSPC) for backend in CONTRACT_BACKENDS),
+    ("asyncio", errno.EIO),
+    ("threads", errno.EROFS),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "code"), DISK_FAULTS, ids=[f"{b}-{errno.errorcode[c]}" for b, c in DISK_FAULTS]
+)
+def test_a_disk_fault_stops_the_run_on_every_backend(
+    backend: str, code: int, tmp_path: Path
+) -> None:
+    count, after, concurrency = 40, 8, 2  # 8 writes succeed: 4 images with thumbnails
+    out = tmp_path / "pic"
+    counter = tmp_path / "writes"
+    env = {
+        **child_env(),
+        "FAULTY_DISK": f"{errno.errorcode[code]}:{after}:{counter}",
+        "PYTHONPATH": os.pathsep.join([str(FAULTY_DISK), os.environ.get("PYTHONPATH", "")]),
+    }
+    with server_thread(make_app(ServerSettings(seed=2, latency_ms=20))) as server:
+        args = cli_args(server.base_url, out, count, backend, concurrency)
+        done = subprocess.run(
+            command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        fetched = Counter(json.loads(urllib.request.urlopen(server.base_url + "/__stats").read()))
+
+    assert_stopped_by_fault(done, done.stdout, done.stderr, fault_line(code, out))
+    lines = assert_consistent(out)
+    # In-flight images are not blamed: nothing is recorded as failed.
+    assert all(line["status"] == "ok" for line in lines.values())
+    assert len(lines) <= after // 2
+    # No fetching after the fault beyond what was in flight.
+    writes = counter.stat().st_size
+    assert fetched["entry"] <= after // 2 + 1 + in_flight_bound(backend, concurrency), writes
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real small file system at ``folder`` (root can mount a tmpfs); skip where the
+    machine refuses."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount(folder: Path, options: str) -> None:
+    """``mount -o remount,OPTIONS``; a read-only remount is refused (EBUSY) while a file
+    is open for writing, so it is tried until a write in flight has finished."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        done = subprocess.run(
+            ["mount", "-o", f"remount,{options}", str(folder)], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"cannot remount {folder} {options}: {done.stderr}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
+def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
+    backend: str, tmp_path: Path
+) -> None:
+    count = 50  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+    with (
+        tmpfs(tmp_path / "small", "1m") as small,
+        server_thread(make_app(ServerSettings(seed=2))) as server,
+    ):
+        out = small / "pic"
+        args = cli_args(server.base_url, out, count, backend, concurrency=4)
+        args[args.index("--size") + 1] = "320x240"
+        full = run_cli(args, tmp_path)
+        assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
+        lines = assert_consistent(out)
+        assert all(line["status"] == "ok" for line in lines.values())
+        assert 0 < len(lines) < count
+
+        remount(small, "size=64m")
+        resumed = run_cli([*args, "--resume"], tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        lines = assert_consistent(out)
+    assert sorted(lines) == list(range(count))
+    assert all(line["status"] == "ok" for line in lines.values())
+
+
+def test_out_removed_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) -> None:
+    state, url = gate
+    out = tmp_path / "pic"
+    count = 40
+    args = ["--concurrency", "2", "-n", str(count), "--url", url, "--out", str(out), "-q"]
+    with launched(args, tmp_path) as proc:
+        wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+        shutil.rmtree(out)
+        state.open.set()
+        stdout, stderr = proc.communicate(timeout=DEADLINE_S)
+    line = f"error: the output folder {out} was removed: {RESUME}"
+    assert_stopped_by_fault(proc, stdout, stderr, line)
+    assert not out.exists()
+    assert sum(state.hits.values()) <= state.after + in_flight_bound("asyncio", 2)
+
+
+def test_out_made_read_only_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) -> None:
+    state, url = gate
+    count = 40
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        out = disk / "pic"
+        args = ["--backend", "threads", "--concurrency", "2", "-n", str(count), "--url", url]
+        args += ["--out", str(out), "-q"]
+        with launched(args, tmp_path) as proc:
+            wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+            remount(disk, "ro")
+            state.open.set()
+            stdout, stderr = proc.communicate(timeout=DEADLINE_S)
+        assert_stopped_by_fault(proc, stdout, stderr, fault_line(errno.EROFS, out))
+        assert sum(state.hits.values()) <= state.after + in_flight_bound("threads", 2)
+        assert sorted(assert_consistent(out)) == list(range(state.after))

@@ -42,7 +42,14 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
     shard_settings = settings.replace(thumbnails=thumbs)
     results: list[Result] = []
-    asyncio.run(run_pipeline(jobs, shard_settings, results.append, StopToken()))
+    stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain
+
+    def emit(result: Result) -> None:
+        results.append(result)
+        if result.fault:
+            stop.set(result.fault)
+
+    asyncio.run(run_pipeline(jobs, shard_settings, emit, stop))
     return results
 
 

@@ -138,7 +138,7 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
 
     def emit(result: Result) -> None:
         batch.append(result)
-        if len(batch) >= _BATCH:
+        if len(batch) >= _BATCH or result.fault:  # the parent stops the run on a fault
             flush()
         elif len(batch) == 1:
             loop.call_later(_FLUSH_S, flush)

@@ -30,6 +30,7 @@ _settings: Settings | None = None
 
 
 _gate: HostGate | None = None
+_fault: str | None = None  # a storage fault this worker hit: it runs no more jobs
 
 
 def _init_worker(settings: Settings, workers: int, parent: int) -> None:
@@ -41,8 +42,17 @@ def _init_worker(settings: Settings, workers: int, parent: int) -> None:
 
 
 def _run_chunk(jobs: list[Job]) -> list[Result]:
+    """The chunk's Results; after a storage fault, none for the jobs it did not run (the
+    run is stopping, and ``--resume`` fetches them), rather than fetch them in vain."""
+    global _fault
     assert _session is not None and _settings is not None, "worker not initialised"
-    return [handle_sync(_session, job, _settings, gate=_gate) for job in jobs]
+    results = []
+    for job in jobs:
+        if _fault is not None:
+            break
+        results.append(handle_sync(_session, job, _settings, gate=_gate))
+        _fault = results[-1].fault
+    return results
 
 
 class ProcessesBackend:
