@@ -80,7 +80,7 @@ class ManifestWriter:
     A line lands whole or not at all: a write that fails part-way is cut back to the last
     complete line, the result's files are removed (``--resume`` fetches it again), and
     ``StorageFaultError`` says why; after that the writer records nothing more. The file
-    is opened for each line (~6 us of CPU, measured), never held open: a folder removed or
+    is opened for each line (cheap: see benchmarks/README.md), never held open: a folder removed or
     made read-only mid-run is noticed at the next line, and nothing here keeps a file
     system from being remounted read-only."""
 

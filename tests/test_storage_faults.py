@@ -466,7 +466,7 @@ def remount(folder: Path, options: str) -> None:
 def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
     backend: str, tmp_path: Path
 ) -> None:
-    count = 50  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+    count = 80  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
     with (
         tmpfs(tmp_path / "small", "1m") as small,
         server_thread(make_app(ServerSettings(seed=2))) as server,
@@ -475,10 +475,12 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
         args = cli_args(server.base_url, out, count, backend, concurrency=4)
         args[args.index("--size") + 1] = "320x240"
         full = run_cli(args, tmp_path)
+        fetched = Counter(json.loads(urllib.request.urlopen(server.base_url + "/__stats").read()))
         assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
         lines = assert_consistent(out)
         assert all(line["status"] == "ok" for line in lines.values())
         assert 0 < len(lines) < count
+        assert fetched["entry"] <= len(lines) + 1 + in_flight_bound(backend, 4)
 
         remount(small, "size=64m")
         resumed = run_cli([*args, "--resume"], tmp_path)
