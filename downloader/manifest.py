@@ -167,9 +167,10 @@ class ManifestWriter:
                 self._tmp.unlink(missing_ok=True)
 
     def _compact(self) -> None:
-        """Copy the manifest without the stale lines this run superseded. Best effort:
-        if it cannot (a full disk), both lines stay, and the last one wins."""
-        if not self._superseded or self._fault is not None:
+        """Copy the manifest without the stale lines this run superseded. Best effort, and
+        tried after a storage fault too: if it cannot (a full disk), both lines stay, and
+        the last one wins."""
+        if not self._superseded:
             return
         tmp = temp_path(self._path)
         try:
