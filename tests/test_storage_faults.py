@@ -557,3 +557,50 @@ def test_a_retry_failed_stopped_by_a_disk_fault_keeps_every_line(tmp_path: Path)
     lines = assert_consistent(out)
     assert sorted(lines) == list(range(count))
     assert all(line["status"] == "ok" for line in lines.values())
+
+
+async def test_a_service_job_stopped_by_a_disk_fault_fails_with_the_line_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from downloader.service.app import make_app
+    from downloader.settings import load_settings
+
+    data = tmp_path / "data"
+    app = make_app(load_settings(environ={}, overrides={"service.data": data}))
+    # The job's process inherits the service's environment: its disk breaks after 2 images.
+    monkeypatch.setenv("FAULTY_DISK", f"ENOSPC:4:{tmp_path / 'writes'}")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(FAULTY_DISK), os.environ.get("PYTHONPATH", "")])
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        body = {"local": True, "count": 12, "thumbnails": {"size": 32}, "http": {"concurrency": 2}}
+        response = await client.post("/api/v1/jobs", json=body)
+        assert response.status == 201, await response.text()
+        job_id = (await response.json())["id"]
+
+        async def ended() -> dict[str, Any]:
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline:
+                job: dict[str, Any] = await (await client.get(f"/api/v1/jobs/{job_id}")).json()
+                if job["state"] in ("done", "failed", "cancelled"):
+                    return job
+                await asyncio.sleep(0.05)
+            pytest.fail("the job did not end")
+
+        failed = await ended()
+        out = data / "jobs" / job_id
+        assert failed["state"] == "failed"
+        assert failed["error"] == fault_line(errno.ENOSPC, out).removeprefix("error: ")
+        assert len(assert_consistent(out)) <= 2
+
+        monkeypatch.delenv("FAULTY_DISK")  # space freed: retry continues the job
+        assert (await client.post(f"/api/v1/jobs/{job_id}/retry")).status == 202
+        done = await ended()
+        assert (done["state"], done["ok"], done["failed"]) == ("done", 12, 0)
+        assert sorted(assert_consistent(out)) == list(range(12))
+    finally:
+        await client.close()

@@ -78,6 +78,8 @@ def _run(spec_path: Path, out: Path) -> int:
     report = run(settings, None, keep_results=False)
     end = JobEnd(report.summary(), report.images_per_s, report.note)
     print(json.dumps(dataclasses.asdict(end)), flush=True)
+    if report.fault:  # the job ends failed, with this line as its error
+        print(f"error: {report.fault}", file=sys.stderr, flush=True)
     return exit_code(settings, report)
 
 
