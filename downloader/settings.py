@@ -105,7 +105,7 @@ class ThumbnailSettings(Checked):
         128, "Thumbnail longest side; 0 = off.", flag="--thumbnail-size", metavar="PX", low=0
     )
     executor: ThumbnailExecutor = setting(
-        "process", "Where asyncio and threads run thumbnails: process, thread or inline."
+        "thread", "Where asyncio and threads run thumbnails: thread, process or inline."
     )
     quality: int = setting(85, "JPEG quality of thumbnails.", low=1, high=95)
     python_cpu_ms: int = setting(

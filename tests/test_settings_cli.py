@@ -80,14 +80,14 @@ def test_env_overrides_config_file(tmp_path: Path) -> None:
         "DOWNLOADER_COUNT": "30",
         "DOWNLOADER_HTTP_RETRIES": "7",
         "DOWNLOADER_PROGRESS": "off",
-        "DOWNLOADER_THUMBNAILS_EXECUTOR": "thread",
+        "DOWNLOADER_THUMBNAILS_EXECUTOR": "inline",
         "HOME": "/ignored",  # other variables are none of our business
     }
     settings = load_settings(config, environ=environ)
     assert settings.count == 30
     assert settings.http.retries == 7
     assert settings.progress is False
-    assert settings.thumbnails.executor == "thread"
+    assert settings.thumbnails.executor == "inline"
     assert settings.backend == "threads"  # from the file, env did not set it
     assert settings.http.timeout == 5.0
 

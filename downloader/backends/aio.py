@@ -1,6 +1,7 @@
 """asyncio: one aiohttp ClientSession with a sized connector, a fixed pool of worker tasks
 pulling from a bounded queue (memory O(concurrency), not O(n)), files written with
-aiofiles, thumbnails in a process pool via ``run_in_executor``, never on the event loop.
+aiofiles, thumbnails in a thread pool (or a process pool) via ``run_in_executor``, never
+on the event loop.
 """
 
 from __future__ import annotations
