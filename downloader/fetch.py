@@ -18,14 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
-
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate, host_of
@@ -34,6 +26,7 @@ from .settings import HttpSettings
 if TYPE_CHECKING:
     import aiohttp
     import requests
+    from tenacity import RetryCallState, Retrying
 
 CHUNK = 256 * 1024  # large reads: fewer syscalls and Python-level loop turns per image
 
@@ -174,6 +167,8 @@ class _Wait:
     """Exponential backoff with full jitter; a longer ``Retry-After`` wins (capped)."""
 
     def __init__(self, http: HttpSettings) -> None:
+        from tenacity import wait_random_exponential
+
         self._backoff = wait_random_exponential(multiplier=http.backoff, max=http.max_backoff)
         self._cap = http.max_backoff
 
@@ -187,7 +182,10 @@ class _Wait:
 
 
 def retry_policy(http: HttpSettings) -> dict[str, Any]:
-    """The one policy both shells use: what to retry, how often, how long to wait."""
+    """The one policy both shells use: what to retry, how often, how long to wait.
+    (tenacity is imported when a first attempt fails: most runs never need it.)"""
+    from tenacity import retry_if_exception_type, stop_after_attempt
+
     return {
         "stop": stop_after_attempt(http.retries + 1),
         "wait": _Wait(http),
@@ -233,6 +231,8 @@ class _Tries:
             pause = host_pause(exc, self.http)
             if pause:  # a throttling answer pauses every request to the host
                 self.gate.pause(host_of(self.url), pause)
+        from tenacity import RetryCallState, Retrying
+
         policy = self._policy = self._policy or Retrying(**retry_policy(self.http))
         state = RetryCallState(policy, None, (), {})
         state.attempt_number = self.count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -204,8 +205,9 @@ def test_requests_deadline_covers_trickling_headers(trickling_headers: str) -> N
     assert time.monotonic() - start < 4
 
 
+@pytest.mark.parametrize("executor", ["process", "thread"])
 def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
-    image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str
 ) -> None:
     import aiofiles.os
 
@@ -213,12 +215,18 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
     from downloader.storage import write_files
 
     def slow_write(files: list[tuple[Path, bytes]]) -> None:
-        time.sleep(1.0)  # widens the real window: the write is in aiofiles' thread
+        time.sleep(1.0)  # widens the real window: the write is on another thread
         write_files(files)
 
-    monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(slow_write))
+    if executor == "process":  # the write goes through aiofiles' thread
+        monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(slow_write))
+    else:  # the thumbnail thread writes too (work.save_in)
+        monkeypatch.setattr(work, "write_files", slow_write)
     out = tmp_path / "pic"
     settings = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 4)
+    settings = settings.replace(
+        thumbnails=dataclasses.replace(settings.thumbnails, executor=executor)
+    )
     timer = threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     try:

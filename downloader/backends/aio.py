@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from ..politeness import HostGate
 from ..settings import Settings
 from ..stop import StopToken
 from ..thumbnails import ImageInfo
-from ..work import AsyncWrite, cpu_stage, handle_async
+from ..work import AsyncWrite, cpu_stage, handle_async, save_in
 from .base import Emit
 from .pools import cpu_executor
 
@@ -146,12 +147,17 @@ async def run_jobs(
             return stage(data)
         return await loop.run_in_executor(pool, stage, data)
 
+    # A thread pool takes an image's CPU stage and its write in one hop.
+    save = None
+    if isinstance(pool, ThreadPoolExecutor) and write is None:
+        save = functools.partial(save_in, pool, settings, stage)
+
     gate = gate or HostGate(settings.http.rate)
     async with new_client(settings) as session:
 
         async def worker() -> None:
             while (job := await queue.get()) is not _DONE:
-                emit(await handle_async(session, job, settings, cpu, gate, write=write))
+                emit(await handle_async(session, job, settings, cpu, gate, write, save))
 
         async def feed() -> None:
             if isinstance(jobs, AsyncIterable):
