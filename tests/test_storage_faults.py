@@ -35,7 +35,7 @@ from downloader.pipeline import run
 from downloader.result import Result
 from downloader.server import make_app, server_thread
 from downloader.settings import ServerSettings
-from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256
+from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256, storage_fault
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 60.0  # a poll gives up after this long (never reached when things work)
@@ -604,3 +604,39 @@ async def test_a_service_job_stopped_by_a_disk_fault_fails_with_the_line_and_ret
         assert sorted(assert_consistent(out)) == list(range(12))
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ENOSPC, "no space left on device writing {out}: free some space"),
+        (errno.EDQUOT, "disk quota exceeded writing {out}: free some space or raise the quota"),
+        (errno.EROFS, "read-only file system writing {out}: make it writable again"),
+        (errno.EIO, "I/O error writing {out}: check the disk"),
+        (errno.EACCES, "permission denied writing {out}: make it writable again"),
+        (errno.ENAMETOOLONG, None),  # this image's name only: its own failed result
+        (errno.EFBIG, None),
+    ],
+    ids=lambda value: errno.errorcode.get(value, "") if isinstance(value, int) else "",
+)
+def test_storage_fault_names_the_cause_and_the_way_on(
+    code: int, expected: str | None, tmp_path: Path
+) -> None:
+    out = tmp_path / "pic"
+    (out / "thumbnails").mkdir(parents=True)
+    reason = storage_fault(OSError(code, os.strerror(code)), out)
+    assert reason == (expected and f"{expected.format(out=out)}, then {RESUME}")
+
+
+def test_a_missing_folder_is_a_fault_only_when_out_is_gone(tmp_path: Path) -> None:
+    out = tmp_path / "pic"
+    (out / "thumbnails").mkdir(parents=True)
+    missing = OSError(errno.ENOENT, "No such file or directory")
+    assert storage_fault(missing, out) is None
+    (out / "thumbnails").rmdir()
+    assert (
+        storage_fault(missing, out)
+        == f"the output folder {out / 'thumbnails'} was removed: {RESUME}"
+    )
+    out.rmdir()
+    assert storage_fault(missing, out) == f"the output folder {out} was removed: {RESUME}"
