@@ -176,12 +176,15 @@ def test_sigterm_stops_the_service_and_its_jobs_resume(tmp_path: Path) -> None:
     assert {p.name for p in out.glob("*.jpg")} == names  # every file has its line
 
 
-def test_max_jobs_is_never_exceeded(tmp_path: Path) -> None:
+def test_max_jobs_is_never_exceeded(tmp_path: Path, image_server: Any) -> None:
     data = tmp_path / "data"
-    with service(data, "--max-jobs", "2") as svc:
-        ids = [svc.submit(count=3, local=True, thumbnails={"size": 0}) for _ in range(8)]
+    # URL lists on the tests' own server (hence --allow-private): no built-in server to
+    # start per job.
+    urls = [f"{image_server.base}/64/48?lock={i}" for i in range(2)]
+    with service(data, "--max-jobs", "2", "--allow-private") as svc:
+        ids = [svc.submit(urls=urls, backend="sync", thumbnails={"size": 0}) for _ in range(8)]
         jobs = [svc.finished(job_id) for job_id in ids]
-    assert [(job["state"], job["ok"]) for job in jobs] == [("done", 3)] * 8
+    assert [(job["state"], job["ok"]) for job in jobs] == [("done", 2)] * 8
     running, most = set(), 0
     for job_id, state in history(data):
         (running.add if state == "running" else running.discard)(job_id)

@@ -3,8 +3,9 @@
 It runs the CLI's pipeline on ``OUT`` (``--resume`` once a manifest is there), prints one
 JSON ``JobEnd`` line on stdout and exits with the CLI's codes. It never outlives the
 service: the service holds the other end of its stdin, so EOF means the service is gone
-(however it died), and a parent-death signal backs that up; either stops the run the way
-Ctrl-C does, and a stop that does not finish in ``GRACE_S`` exits at once.
+(however it died), and a parent-death signal backs that up; either sets the run's stop
+token (as Ctrl-C does), and a stop that does not finish in ``GRACE_S`` exits at once.
+The service's cancel is SIGTERM, which the pipeline turns into the same stop.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from ..stop import StopToken
 from ..storage import MANIFEST
 from .spec import JobSpec, job_settings
 
 GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
-_stopping = threading.Lock()
+STOP = StopToken()
 
 
 @dataclass(frozen=True)
@@ -37,33 +39,33 @@ class JobEnd:
     note: str | None
 
 
-def stop(*_: object) -> None:
-    """Stop the run as Ctrl-C does, once; give up waiting after ``GRACE_S``."""
-    if not _stopping.acquire(blocking=False):
+def _service_gone() -> None:
+    """Stop the run as Ctrl-C does; give up waiting after ``GRACE_S``: nobody is watching."""
+    if STOP.is_set():
         return
     timer = threading.Timer(GRACE_S, os._exit, args=(130,))
     timer.daemon = True
     timer.start()
-    os.kill(os.getpid(), signal.SIGTERM)
+    STOP.set("the service is gone")
 
 
 def _watch_parent(parent: int) -> None:
     def watch_stdin() -> None:
         while os.read(0, 65536):
             pass
-        stop()
+        _service_gone()
 
     signal.signal(signal.SIGUSR1, _on_parent_death)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     if os.getppid() != parent:  # gone before the signal was armed
-        stop()
+        _service_gone()
     threading.Thread(target=watch_stdin, daemon=True, name="service-watch").start()
 
 
 def _on_parent_death(signum: int, frame: FrameType | None) -> None:
-    stop()
+    _service_gone()
 
 
 def _run(spec_path: Path, out: Path) -> int:
@@ -75,7 +77,7 @@ def _run(spec_path: Path, out: Path) -> int:
     values = dict(spec.values)
     values["resume"] = (out / MANIFEST).exists()
     settings = job_settings(values, out, urls)
-    report = run(settings, None, keep_results=False)
+    report = run(settings, None, keep_results=False, stop=STOP)
     end = JobEnd(report.summary(), report.images_per_s, report.note)
     print(json.dumps(dataclasses.asdict(end)), flush=True)
     if report.fault:  # the job ends failed, with this line as its error
