@@ -347,3 +347,30 @@ async def test_the_page_is_served_without_a_token(tmp_path: Path) -> None:
             assert await raw_status(client, path) == 404, path
     finally:
         await client.close()
+
+
+async def test_a_job_whose_folder_is_in_use_waits_for_it(tmp_path: Path) -> None:
+    from downloader.lock import OutputLock
+
+    client = await _client(tmp_path / "data", max_jobs=1)
+    try:
+        first = await submit(client, count=40, server={"latency_ms": 100}, http={"concurrency": 2})
+        second = await submit(client, count=2)
+        assert client.server.app is not None
+        store = client.server.app[STORE]
+        lock = OutputLock(client.server.app[SETTINGS].service.data / "jobs" / second["id"])
+        lock.acquire()  # as a process of an earlier service that is still stopping would
+        try:
+            assert (await client.delete(f"/api/v1/jobs/{first['id']}")).status == 202
+
+            async def refused_twice() -> bool:
+                states = [t.state for t in store.history(second["id"])]
+                return states.count("running") >= 2
+
+            await until(refused_twice, "the job to be started again")
+        finally:
+            lock.release()
+        job = await finished(client, second["id"])
+        assert (job["state"], job["ok"]) == ("done", 2)
+    finally:
+        await client.close()

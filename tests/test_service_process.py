@@ -137,8 +137,9 @@ def ok_files(out: Path) -> dict[str, tuple[int, int]]:
 
 def test_kill_9_mid_job_then_restart_finishes_without_refetching(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with service(data, token=TOKEN) as first:
+    with service(data, "--max-jobs", "1", token=TOKEN) as first:
         job_id = first.submit(count=40, **SLOW)
+        waiting = first.submit(count=2, local=True, thumbnails={"size": 0})
         until(lambda: first.job(job_id)["ok"] >= 6, "a few images")
         pid = job_pid(data, job_id)
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -148,14 +149,18 @@ def test_kill_9_mid_job_then_restart_finishes_without_refetching(tmp_path: Path)
         until(lambda: gone(pid), "the job's process to stop with the service")
     kept = ok_files(data / "jobs" / job_id)
     assert len(kept) >= 6
-    with service(data, token=TOKEN) as second:
+    with service(data, "--max-jobs", "1", token=TOKEN) as second:
         job = second.finished(job_id)
         assert (job["state"], job["ok"], job["failed"]) == ("done", 40, 0)
+        assert second.finished(waiting)["ok"] == 2  # the queued job stayed queued, then ran
     after = ok_files(data / "jobs" / job_id)
     assert len(after) == 40
     assert {path: after[path] for path in kept} == kept  # not one kept image fetched again
     states = [state for job, state in history(data) if job == job_id]
     assert states == ["queued", "running", "queued", "running", "done"]
+    assert [state for job, state in history(data) if job == waiting] == [
+        "queued", "running", "done"
+    ]  # fmt: skip
 
 
 def test_sigterm_stops_the_service_and_its_jobs_resume(tmp_path: Path) -> None:
