@@ -76,10 +76,10 @@ def run(
         settings = settings.replace(http=dataclasses.replace(settings.http, block_private=False))
     backend = get_backend(settings.backend)
     source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
-    prepare = getattr(backend, "prepare", None)
-    if prepare is not None:
-        prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
     with OutputLock(settings.out):  # one run per OUT: a second one stops here, OUT untouched
+        prepare = getattr(backend, "prepare", None)
+        if prepare is not None:
+            prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
         return _run_locked(backend, settings, observer, keep_results, stop)
 
 
