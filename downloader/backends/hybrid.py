@@ -15,37 +15,38 @@ failed, with the reason; the others carry on with the rest.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
 import queue
 import threading
 import time
-import traceback
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
 from ..errors import DownloaderError, FetchError
 from ..jobs import Job
-from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..stop import StopToken
-from ..storage import write_files
 from .base import Emit
-from .pools import PRELOAD, child_init, cpu_count, mp_context, start_forkserver
+from .hybrid_messages import (
+    Done,
+    Failed,
+    Jobs,
+    NoMoreJobs,
+    Pause,
+    Results,
+    Stop,
+    ToParent,
+    ToWorker,
+)
+from .hybrid_worker import serve
+from .pools import PRELOAD, cpu_count, mp_context, start_forkserver
 
-_STOP = "stop"  # parent -> worker: the run was stopped, cancel what is in flight
-_PAUSE = "pause"  # both ways: ("pause", host, until), a host asked for a pause
-_DONE = "done"  # worker -> parent: every result sent; the worker exits
-_BATCH = 32  # results per message at most; fewer after _FLUSH_S
-_FLUSH_S = 0.005
 # Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")
-_PARENT_GONE = (BrokenPipeError, ConnectionResetError, EOFError)
 
 
 def worker_count(settings: Settings) -> int:
@@ -74,113 +75,6 @@ def worker_settings(settings: Settings, workers: int) -> list[Settings]:
     ]
 
 
-# ---------------------------------------------------------------------------- worker side
-
-
-def _serve(jobs_in: Connection, results_out: Connection, settings: Settings, parent: int) -> None:
-    """A worker process: run the asyncio pipeline over the jobs the parent sends."""
-    from .aio import run_event_loop
-
-    child_init(parent)
-    try:
-        run_event_loop(_serve_async(jobs_in, results_out, settings), settings.event_loop)
-    except _PARENT_GONE:
-        os._exit(0)  # nobody to report to, and nothing to say on a terminal
-    except BaseException:  # a bug: the parent fails this worker's jobs with the reason
-        with contextlib.suppress(*_PARENT_GONE, OSError):
-            results_out.send(("error", traceback.format_exc()))
-        os._exit(1)
-
-
-class _SharedGate(HostGate):
-    """A worker's gate: a pause one worker hears (429, Retry-After) is passed, through
-    the parent, to every other worker, so all of them leave the host alone."""
-
-    def __init__(self, rate: float, tell: Any) -> None:
-        super().__init__(rate)
-        self._tell = tell
-
-    def pause(self, host: str, seconds: float) -> None:
-        super().pause(host, seconds)
-        self._tell((_PAUSE, host, time.monotonic() + seconds))  # CLOCK_MONOTONIC: machine-wide
-
-    def heard(self, host: str, until: float) -> None:
-        """A sibling's pause: held here too, and not passed on again."""
-        super().pause(host, until - time.monotonic())
-
-
-async def _write_inline(files: list[tuple[Path, bytes]]) -> None:
-    # On this worker's own core, a 50 KB write to the page cache costs less than the
-    # thread hop aiofiles would take. It has no await, so a cancel can never land between
-    # the write and the Result (a file without its manifest line).
-    write_files(files)
-
-
-async def _serve_async(jobs_in: Connection, results_out: Connection, settings: Settings) -> None:
-    from .aio import run_jobs
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    batch: list[Result] = []
-
-    def tell(message: Any) -> None:
-        try:
-            results_out.send(message)
-        except _PARENT_GONE:  # killed: nobody to report to, nothing to say on a terminal
-            os._exit(0)
-
-    def flush() -> None:
-        if batch:
-            tell(batch.copy())
-            batch.clear()
-
-    gate = _SharedGate(settings.http.rate, tell)
-
-    def emit(result: Result) -> None:
-        batch.append(result)
-        if len(batch) >= _BATCH or result.fault:  # the parent stops the run on a fault
-            flush()
-        elif len(batch) == 1:
-            loop.call_later(_FLUSH_S, flush)
-
-    arrived: asyncio.Queue[list[Job] | None] = asyncio.Queue()
-
-    def receive() -> None:
-        # Everything waiting, not one message a wake-up: a pipe left full would block
-        # the parent's feeder. Reading goes on after the last job: a stop may follow.
-        while True:
-            try:
-                message = jobs_in.recv()
-            except (EOFError, OSError):  # the parent is gone
-                message = _STOP
-            if message == _STOP:
-                loop.remove_reader(jobs_in.fileno())
-                if task is not None:
-                    task.cancel()
-                return
-            if isinstance(message, tuple):
-                gate.heard(message[1], message[2])
-            else:
-                arrived.put_nowait(message)
-            if not jobs_in.poll():
-                return
-
-    loop.add_reader(jobs_in.fileno(), receive)
-
-    async def jobs() -> AsyncIterator[Job]:
-        while (message := await arrived.get()) is not None:
-            for job in message:
-                yield job
-
-    try:
-        # Stopped by the parent: what finished is sent below; the rest never ran.
-        with contextlib.suppress(asyncio.CancelledError):
-            await run_jobs(jobs(), settings, emit, None, write=_write_inline, gate=gate)
-    finally:
-        flush()  # whatever happened, the images already written are reported
-    results_out.send(_DONE)
-
-
 # ---------------------------------------------------------------------------- parent side
 
 
@@ -194,7 +88,7 @@ class _Worker:
     live: bool = True
     sending: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def send(self, message: Any) -> None:
+    def send(self, message: ToWorker) -> None:
         """Send without holding the run's lock: a full pipe must not stop the receiver."""
         with self.sending, contextlib.suppress(OSError):
             self.jobs.send(message)
@@ -251,7 +145,7 @@ def _start(settings: Settings, count: int) -> list[_Worker]:
         jobs_r, jobs_w = ctx.Pipe(duplex=False)
         results_r, results_w = ctx.Pipe(duplex=False)
         process = ctx.Process(  # type: ignore[attr-defined]
-            target=_serve,
+            target=serve,
             args=(jobs_r, results_w, share, os.getpid()),
             name="downloader-hybrid",
             daemon=True,
@@ -276,7 +170,7 @@ class _Run:
         self.inbox: queue.SimpleQueue[Result | _End | _Stopping] = queue.SimpleQueue()
         # Host pauses heard by one worker, for the others; sent by a thread of their own,
         # so the receiver never waits on a worker's full pipe.
-        self.pauses: queue.SimpleQueue[tuple[_Worker, Any] | None] = queue.SimpleQueue()
+        self.pauses: queue.SimpleQueue[tuple[_Worker, Pause] | None] = queue.SimpleQueue()
         self.feed_error: BaseException | None = None
         self.fed_all = False  # every job was handed out (set before the workers hear so)
         self.last_failure = ""
@@ -297,7 +191,7 @@ class _Run:
             self.room.notify_all()
             live = [w for w in self.workers if w.live]
         for worker in live:
-            worker.send(_STOP)
+            worker.send(Stop())
 
     def feed(self, jobs: Iterable[Job]) -> None:
         """Hand each job to the worker with the most room, as room frees up."""
@@ -309,13 +203,13 @@ class _Run:
                         return
                     worker.credit -= 1
                     worker.pending[job.index] = job
-                worker.send([job])
+                worker.send(Jobs((job,)))
             self.fed_all = True
         except BaseException as exc:  # a broken job stream: the run reports it
             self.feed_error = exc
         finally:
             for worker in self.workers:
-                worker.send(None)  # no more jobs: finish what you hold and say done
+                worker.send(NoMoreJobs())
 
     def relay(self) -> None:
         while (item := self.pauses.get()) is not None:
@@ -350,29 +244,36 @@ class _Run:
     def _take(self, worker: _Worker) -> bool:
         """Take one message from ``worker``; False once it is done, dead or failed."""
         try:
-            message = worker.results.recv()
+            message: ToParent | None = worker.results.recv()
         except (EOFError, OSError):
             message = None
-        if isinstance(message, list):
-            with self.room:
-                for result in message:
-                    worker.pending.pop(result.index, None)
-                worker.credit += len(message)
-                self.room.notify_all()
-            for result in message:
-                self.inbox.put(result)
+        if isinstance(message, Results):
+            self._finished(worker, message.results)
             return True
-        if isinstance(message, tuple) and message[0] == _PAUSE:
+        if isinstance(message, Pause):
             self.pauses.put((worker, message))
             return True
         worker.results.close()
-        if message == _DONE:
+        if isinstance(message, Done):
             reason = ""
-        elif isinstance(message, tuple):
-            reason = f"worker process failed: {_last_line(message[1])}"
+        elif isinstance(message, Failed):
+            reason = f"worker process failed: {_last_line(message.reason)}"
         else:
             worker.process.join(timeout=5)
             reason = f"worker process died (exit code {worker.process.exitcode})"
+        self._ended(worker, reason)
+        return False
+
+    def _finished(self, worker: _Worker, results: tuple[Result, ...]) -> None:
+        with self.room:
+            for result in results:
+                worker.pending.pop(result.index, None)
+            worker.credit += len(results)
+            self.room.notify_all()
+        for result in results:
+            self.inbox.put(result)
+
+    def _ended(self, worker: _Worker, reason: str) -> None:
         with self.room:
             worker.live = False
             # After a stop, the jobs a worker still held were cancelled, not failed:
@@ -384,7 +285,6 @@ class _Run:
             self.room.notify_all()
         for job in lost:
             self.inbox.put(_lost(job, reason or "worker process ended early"))
-        return False
 
 
 def _last_line(text: str) -> str:
