@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import (
+    ClusterUnreachableError,
     ConfigError,
     DownloaderError,
     FetchError,
@@ -19,6 +20,7 @@ from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings,
 from .stop import StopToken
 
 __all__ = [
+    "ClusterUnreachableError",
     "ConfigError",
     "DownloaderError",
     "FetchError",

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .errors import ConfigError, DownloaderError, StorageError, StorageFaultError
+from .errors import (
+    ClusterUnreachableError,
+    ConfigError,
+    DownloaderError,
+    StorageError,
+    StorageFaultError,
+)
 from .settings import Declared, Settings, declared, load_settings
 
 if TYPE_CHECKING:
@@ -46,7 +52,7 @@ def guarded(call: Callable[[], Any]) -> int:
     except StorageFaultError as exc:
         click.echo(f"error: {exc}", err=True)
         code = EXIT_STORAGE
-    except (ConfigError, StorageError) as exc:
+    except (ConfigError, StorageError, ClusterUnreachableError) as exc:
         click.echo(f"error: {exc}", err=True)
         code = EXIT_USAGE
     except DownloaderError as exc:  # a run that could not finish, e.g. every worker failed

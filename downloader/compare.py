@@ -221,7 +221,7 @@ def settings_from_json(text: str) -> Settings:
 
 def child_main() -> None:
     """``python -m downloader.compare``: read Settings as JSON on stdin, run, print Report."""
-    from .backends.pools import reap_forkserver
+    from .children import reap_forkserver
     from .pipeline import run
 
     report = run(settings_from_json(sys.stdin.read()), keep_results=False)

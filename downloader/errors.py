@@ -50,6 +50,11 @@ class StorageError(DownloaderError):
     """OUT cannot be written."""
 
 
+class ClusterUnreachableError(DownloaderError):
+    """The Dask scheduler named by ``dask.scheduler`` cannot be reached: a network
+    problem (or a wrong address), not the output folder's. Exit code 2."""
+
+
 class OutputInUseError(StorageError):
     """Another run holds OUT's lock (``OUT/.downloader.lock``). ``pid``: that run's, when
     it could be read."""

@@ -6,7 +6,7 @@ import contextlib
 import csv
 import string
 import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -44,7 +44,29 @@ def check_url(url: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class JobStream:
+    """Jobs on their way to a backend. ``blocking``: taking the next one may wait on a
+    slow producer (a pipe on stdin), so an event loop must not take them itself."""
+
+    jobs: Iterable[Job]
+    blocking: bool = False
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.jobs)
+
+
+def may_block(jobs: Iterable[Job]) -> bool:
+    """Whether taking the next of ``jobs`` may wait on a slow producer."""
+    return isinstance(jobs, JobStream) and jobs.blocking
+
+
 class JobSource(Protocol):
+    @property
+    def blocking(self) -> bool:
+        """Whether reading the jobs may wait on a slow producer (a pipe)."""
+        ...
+
     def jobs(self) -> Iterator[Job]:
         """Every job, lazily, in index order."""
         ...
@@ -108,6 +130,10 @@ class Template:
             text = text.replace("/{width}/{height}", "/g/{width}/{height}", 1)
         return text
 
+    @property
+    def blocking(self) -> bool:
+        return False
+
     def render(self, index: int) -> str:
         return self.composed().format(
             i=index, width=self.width, height=self.height, keywords=self.keywords
@@ -145,6 +171,10 @@ class UrlList:
                 raise ConfigError(f"URL list not found: {self.path}")
             with self._open() as fh:
                 _rows(fh, self.path)  # a missing url column is an error before any work
+
+    @property
+    def blocking(self) -> bool:
+        return self.path == "-"
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[IO[str]]:

@@ -295,7 +295,7 @@ class RunningServer:
 
 
 def _child(config: ServerSettings, conn: Any, parent_pid: int) -> None:
-    from .backends.pools import child_init
+    from .children import child_init
 
     child_init(parent_pid)
 
@@ -310,7 +310,7 @@ def _child(config: ServerSettings, conn: Any, parent_pid: int) -> None:
 def server_process(config: ServerSettings) -> Iterator[RunningServer]:
     """The server in a child process (it never shares a GIL with the run it serves), on a
     free loopback port unless ``config.port`` says otherwise; stopped on exit."""
-    from .backends.pools import mp_context
+    from .children import mp_context
 
     ctx: Any = mp_context()
     parent, child = ctx.Pipe(duplex=False)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .backends import Backend
-from .jobs import Job, JobSource, UrlList
+from .jobs import Job, JobSource, JobStream, UrlList
 from .record import Recorder
 from .result import DUPLICATE, Result
 from .resume import Plan
@@ -59,11 +59,11 @@ class Distinct:
         )
 
 
-def first_round(settings: Settings, source: JobSource, plan: Plan) -> Iterator[Job]:
+def first_round(settings: Settings, source: JobSource, plan: Plan) -> JobStream:
     """A fresh run's -n jobs; a resumed run's jobs not kept and not known duplicates (a
     URL that gave a duplicate gives it again), as many as images are missing."""
     if not (settings.resume or settings.retry_failed):
-        return source.jobs()
+        return JobStream(source.jobs(), source.blocking)
     jobs = (
         job
         for job in source.jobs()
@@ -72,8 +72,8 @@ def first_round(settings: Settings, source: JobSource, plan: Plan) -> Iterator[J
         and (plan.rerun is None or job.index in plan.rerun or job.index not in plan.stale)
     )
     if isinstance(source, UrlList):
-        return jobs  # a list has no count to reach: each listed image is tried once
-    return itertools.islice(jobs, max(0, settings.count - len(plan.kept)))
+        return JobStream(jobs, source.blocking)  # no count to reach: each tried once
+    return JobStream(itertools.islice(jobs, max(0, settings.count - len(plan.kept))))
 
 
 def run_rounds(
@@ -99,7 +99,8 @@ def run_rounds(
     record.start(issued, len(plan.kept))
     budget = 2 * wanted + 20
     next_index = max([settings.count - 1, *plan.kept, *plan.stale]) + 1
-    jobs, extras = first_round(settings, source, plan), 0
+    jobs: Iterable[Job] = first_round(settings, source, plan)
+    extras = 0
     while True:
         backend.run(jobs, settings, keep_unique, stop)
         missing = settings.count - len(distinct.seen)

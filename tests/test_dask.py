@@ -20,7 +20,7 @@ from conftest import make_settings
 
 from downloader.backends import get_backend
 from downloader.backends.dask import check_out
-from downloader.errors import ConfigError
+from downloader.errors import ClusterUnreachableError, ConfigError, StorageError
 from downloader.pipeline import run
 from downloader.server import make_app, server_thread
 from downloader.settings import DaskSettings, ServerSettings
@@ -156,8 +156,9 @@ def test_worker_that_cannot_write_out_is_reported(tmp_path: Path) -> None:
 def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
     settings = make_settings("dask", tmp_path / "pic", "http://127.0.0.1:9/{i}", 1)
     settings = settings.replace(dask=DaskSettings(scheduler=f"tcp://127.0.0.1:{free_port()}"))
-    with pytest.raises(Exception, match="cannot reach the Dask scheduler"):
+    with pytest.raises(ClusterUnreachableError, match="cannot reach the Dask scheduler") as info:
         run(settings)
+    assert not isinstance(info.value, StorageError)  # a network problem, not OUT's
 
 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ from test_robustness import (
 )
 
 from downloader.backends.hybrid import _End, _Run, _Stopping, worker_count, worker_settings
-from downloader.backends.pools import cpu_count
+from downloader.children import cpu_count
 from downloader.errors import DownloaderError
 from downloader.pipeline import run
 from downloader.result import Result

@@ -244,7 +244,7 @@ def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) ->
     server with 1 s latency and a 2.5 s timeout. Read on the event loop, the pause froze
     the requests in flight past their deadline (false timeouts)."""
     from downloader.backends.aio import AsyncioBackend
-    from downloader.jobs import Job
+    from downloader.jobs import Job, JobStream
 
     with server_thread(make_app(ServerSettings(latency_ms=1000))) as server:
         urls = [f"{server.base_url}/320/240?lock={i}" for i in range(4)]
@@ -261,6 +261,7 @@ def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) ->
             "asyncio", out, "http://x/{i}", 1, timeout=2.5, retries=0, concurrency=1
         )
         results: list[Result] = []
-        AsyncioBackend().run(slow_stream(), settings.replace(urls="-"), results.append, StopToken())
+        jobs = JobStream(slow_stream(), blocking=True)  # a pipe, as `--urls -` is
+        AsyncioBackend().run(jobs, settings, results.append, StopToken())
     assert sorted(r.index for r in results) == [0, 1, 2, 3]
     assert all(r.ok for r in results), [r.error for r in results]

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from ..fetch import proxies_configured
-from ..jobs import Job
+from ..jobs import Job, may_block
 from ..netguard.aio import GuardedConnector
 from ..politeness import HostGate
 from ..settings import Settings
@@ -163,7 +163,7 @@ async def run_jobs(
             if isinstance(jobs, AsyncIterable):
                 async for job in jobs:
                     await queue.put(job)
-            elif settings.urls == "-":  # stdin may block: read it on a thread
+            elif may_block(jobs):
                 await _feed_from_thread(jobs, queue)
             else:
                 for job in jobs:

@@ -23,14 +23,15 @@ from typing import Any
 
 from distributed import Client, LocalCluster, as_completed
 
-from ..errors import StorageError
+from ..children import cpu_count
+from ..errors import ClusterUnreachableError, StorageError
 from ..jobs import Job
 from ..result import Result
 from ..settings import Settings
 from ..stop import StopToken
 from ..storage import check_writable
 from .base import Emit
-from .pools import chunked, cpu_count
+from .pools import chunked
 
 
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
@@ -91,7 +92,7 @@ class DaskBackend:
             try:
                 client = Client(settings.dask.scheduler, timeout=10)
             except (OSError, TimeoutError) as exc:
-                raise StorageError(
+                raise ClusterUnreachableError(
                     f"cannot reach the Dask scheduler {settings.dask.scheduler}: {exc}"
                 ) from None
             with client:

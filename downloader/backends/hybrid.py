@@ -10,7 +10,15 @@ process boundary; image bytes never do.
 The parent hands out jobs on demand (each worker holds at most ``2 x`` its connections),
 so a slow worker gets fewer, and memory stays O(concurrency). It writes the manifest;
 workers only return Results. A worker that dies or fails has the jobs it held reported as
-failed, with the reason; the others carry on with the rest.
+failed, with the reason; the others carry on with the rest. Parent and workers talk in the
+typed records of ``hybrid_messages``.
+
+Why a pool of its own rather than the shard model of ``dask`` (the asyncio pipeline run
+once per shard of jobs on a process pool): a shard sets up an event loop, a client session
+and its connections each time, and its slowest image holds back the next shard, while
+here each worker keeps its loop and connections for the whole run and takes a new job the
+moment one finishes. Measured with ``download compare``, the shard model costs 1.6-1.7x
+the CPU per image and is slower (numbers in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from ..children import PRELOAD, cpu_count, mp_context, start_forkserver
 from ..errors import DownloaderError, FetchError
 from ..jobs import Job
 from ..result import Result
@@ -43,7 +52,6 @@ from .hybrid_messages import (
     ToWorker,
 )
 from .hybrid_worker import serve
-from .pools import PRELOAD, cpu_count, mp_context, start_forkserver
 
 # Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")

@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..children import child_init
 from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..storage import write_files
 from .hybrid_messages import Done, Failed, Jobs, NoMoreJobs, Pause, Results, Stop, ToParent
-from .pools import child_init
 
 BATCH = 32  # results per message at most; fewer after FLUSH_S
 FLUSH_S = 0.005

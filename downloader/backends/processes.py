@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import requests
 
+from ..children import child_init, mp_context
 from ..fetch import new_session
 from ..jobs import Job
 from ..politeness import HostGate
@@ -22,7 +23,7 @@ from ..settings import Settings
 from ..stop import StopToken
 from ..work import handle_sync
 from .base import Emit
-from .pools import bounded_map, child_init, chunked, mp_context
+from .pools import bounded_map, chunked
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None

@@ -1,4 +1,4 @@
-"""Imported by the forkserver only (see ``pools.mp_context``): moves it, and so every pool
+"""Imported by the forkserver only (see ``children.mp_context``): moves it, and so every pool
 worker and local server it forks, out of the terminal's foreground process group.
 
 A terminal's Ctrl-C goes to the whole foreground group. A worker that is still starting
