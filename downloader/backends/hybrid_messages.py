@@ -52,15 +52,15 @@ class Results:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
-    """Every result was sent; the worker exits."""
-
-
-@dataclass(frozen=True, slots=True)
 class Failed:
     """The worker hit a bug; the parent fails the jobs it held with ``reason``."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Every result was sent; the worker exits."""
 
 
 ToWorker = Jobs | NoMoreJobs | Stop | Pause
