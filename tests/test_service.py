@@ -374,3 +374,33 @@ async def test_a_job_whose_folder_is_in_use_waits_for_it(tmp_path: Path) -> None
         assert (job["state"], job["ok"]) == ("done", 2)
     finally:
         await client.close()
+
+
+async def test_a_unique_job_continues_after_a_cancel(client: TestClient[Any, Any]) -> None:
+    slow = {"latency_ms": 150, "pool_size": 40}
+    job = await submit(client, count=20, unique=True, server=slow, http={"concurrency": 2})
+
+    async def some() -> bool:
+        state = await (await client.get(f"/api/v1/jobs/{job['id']}")).json()
+        return bool(state["ok"] >= 3)
+
+    await until(some, "a few distinct images")
+    assert (await client.delete(f"/api/v1/jobs/{job['id']}")).status == 202
+    assert (await finished(client, job["id"]))["state"] == "cancelled"
+    assert (await client.post(f"/api/v1/jobs/{job['id']}/retry")).status == 202
+    done = await finished(client, job["id"])
+    assert (done["state"], done["ok"], done["total"]) == ("done", 20, 20)
+    lines = (await (await client.get(f"/api/v1/jobs/{job['id']}/manifest")).text()).splitlines()
+    hashes = [r["sha256"] for r in map(json.loads, lines) if r["status"] == "ok"]
+    assert len(hashes) == len(set(hashes)) == 20
+
+
+async def test_idle_streams_get_heartbeats(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from downloader.service import streams
+
+    monkeypatch.setattr(streams, "HEARTBEAT_S", 0.05)
+    async with client.get("/api/v1/events") as response:
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert await asyncio.wait_for(response.content.readline(), 30) == b": ping\n"
