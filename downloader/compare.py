@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 from .errors import ConfigError
@@ -247,18 +248,18 @@ def run_one(settings: Settings, repeat: int, scratch: Path) -> Run:
     usage = scratch / f"usage-{settings.backend}-{repeat}.json"
     usage.unlink(missing_ok=True)
     wrapper = [sys.executable, "-m", "downloader.usage", "--report", str(usage), "--"]
-    proc = subprocess.run(
-        [*wrapper, sys.executable, "-m", "downloader.compare"],
-        input=settings_to_json(settings),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    cmd = [*wrapper, sys.executable, "-m", "downloader.compare"]
+    with subprocess.Popen(cmd, stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(settings_to_json(settings))
+        except KeyboardInterrupt:
+            _stop_in_order(proc)
+            raise
     if proc.returncode != 0 or not usage.exists():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"{settings.backend} run failed: {last}")
     tree = json.loads(usage.read_text())
-    numbers = json.loads(proc.stdout.strip().splitlines()[-1])
+    numbers = json.loads(stdout.strip().splitlines()[-1])
     return Run(
         settings.backend,
         repeat,
@@ -268,6 +269,16 @@ def run_one(settings: Settings, repeat: int, scratch: Path) -> Run:
         process_wall_s=tree["wall_s"],
         **numbers,
     )
+
+
+def _stop_in_order(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C: the terminal sent it to the measuring wrapper too, which passes it on to the
+    run (in a session of its own); the run stops in order and the wrapper reaps it. Sending
+    another would be a second Ctrl-C, which stops a run at once."""
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def warm_server(base_url: str, settings: Settings) -> None:

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,14 +182,16 @@ def measure(
     env: dict[str, str] | None = None,
     timeout_s: float = 900.0,
     ignore: Sequence[int] = (),
-    new_session: bool = True,
+    started: Callable[[int], None] | None = None,
 ) -> Measured:
     """Run ``cmd`` to completion and measure its whole process tree.
 
     ``log_path``: where its stdout and stderr go (None: ours). ``ignore``: children of ours
     that are not part of the run (any child we already have is left alone as well).
-    ``new_session``: run it in a session of its own, so the timeout ends the whole group;
-    False leaves it in our process group, to get a terminal's Ctrl-C."""
+    It runs in a session of its own: the timeout ends its whole process group, and the
+    scheduler gives it its own share of the CPU (Linux's autogroup shares CPU time between
+    sessions), not one split with the image server or the measuring process. ``started``
+    is told its pid (e.g. to forward a Ctrl-C, which a terminal no longer sends it)."""
     ignored = {*ignore, *children_of(os.getpid())}
     with open(log_path, "wb") if log_path else contextlib.nullcontext() as log:
         start = time.perf_counter()
@@ -199,11 +201,13 @@ def measure(
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             env=env,
-            start_new_session=new_session,
+            start_new_session=True,
         )
         sampler = TreeSampler(proc.pid, ignore=ignored)
         sampler.start()
-        killer = threading.Timer(timeout_s, _kill_tree, (proc.pid, new_session))
+        if started is not None:
+            started(proc.pid)
+        killer = threading.Timer(timeout_s, _kill_group, (proc.pid,))
         killer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
@@ -232,14 +236,9 @@ def measure(
     )
 
 
-def _kill_tree(pid: int, group: bool) -> None:
-    if group:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        return
-    for victim in [pid, *descendants([pid])]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(victim, signal.SIGKILL)
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _reap_orphans(ignore: set[int], grace_s: float = 10.0) -> Iterator[resource.struct_rusage]:
@@ -267,8 +266,8 @@ def _reap_orphans(ignore: set[int], grace_s: float = 10.0) -> Iterator[resource.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m downloader.usage --report FILE -- CMD ...``: run CMD (it keeps our stdin,
-    stdout, stderr and process group, so a terminal's Ctrl-C reaches it) and write what its
+    """``python -m downloader.usage --report FILE -- CMD ...``: run CMD (with our stdin,
+    stdout and stderr; a Ctrl-C or SIGTERM we get is passed on to it) and write what its
     whole tree cost to FILE as JSON. Exits with CMD's exit code."""
     parser = argparse.ArgumentParser(prog="python -m downloader.usage")
     parser.add_argument("--report", type=Path, required=True)
@@ -279,9 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cmd:
         parser.error("no command given")
     become_subreaper()
-    # Ctrl-C is the command's to handle; this process lives on to reap and report.
-    signal.signal(signal.SIGINT, lambda *_: None)  # not SIG_IGN: the command would inherit it
-    measured = measure(cmd, timeout_s=args.timeout, new_session=False)
+    group: list[int] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        # The command stops in its own way; this process lives on to reap and report.
+        for pid in group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, pass_on)
+    measured = measure(cmd, timeout_s=args.timeout, started=group.append)
     numbers = dataclasses.asdict(measured)
     del numbers["root_series"], numbers["log_tail"]
     partial = args.report.with_name(args.report.name + ".part")
