@@ -1,16 +1,26 @@
-"""Shared fixtures: the built-in server on a loopback port, plus hostile test routes."""
+"""Shared fixtures and helpers: the built-in server on a loopback port with hostile test
+routes; the manifest reader; the server's counters; a scrubbed environment for child
+processes; a fake sleep; polling with a deadline. Test modules import from here, never
+from each other."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
@@ -27,6 +37,11 @@ from downloader.settings import (
     Settings,
     ThumbnailSettings,
 )
+from downloader.storage import MANIFEST
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 60.0  # how long a poll may wait before the test gives up (never reached normally)
+T = TypeVar("T")
 
 # The backend matrix is the registry's: a new backend cannot escape the contract tests.
 # Backends that need an extra (dask: a LocalCluster of 2 workers, slow to start) run the
@@ -78,10 +93,8 @@ class ImageServer:
     def base(self) -> str:
         return self.server.base_url
 
-    def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"{self.base}/__stats", timeout=5) as resp:
-            counts: dict[str, int] = json.loads(resp.read())
-            return counts
+    def stats(self) -> Counter[str]:
+        return server_stats(self.base)
 
 
 # Index -> what the hostile route /t/{token}/case/{i} does, and what we expect.
@@ -203,9 +216,205 @@ def decode_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``seconds`` (a deadline, not a timing)."""
+def wait_for(
+    condition: Callable[[], T],
+    what: str = "the condition",
+    *,
+    seconds: float = DEADLINE_S,
+    proc: subprocess.Popen[Any] | None = None,
+) -> T:
+    """Poll ``condition`` until it returns something true, and return that; fail if ``proc``
+    exits first or after ``seconds`` (a deadline, never reached when things work)."""
     deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.02)
+    while not (value := condition()):
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+class FakeSleep:
+    """Records the waits a retry policy asks for instead of waiting."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+class FakeAsyncSleep(FakeSleep):
+    """FakeSleep for asyncio code: an awaitable sleep that records and returns at once."""
+
+    async def __call__(self, seconds: float) -> None:  # type: ignore[override]
+        self.calls.append(seconds)
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+def server_stats(server: RunningServer | str) -> Counter[str]:
+    """The built-in server's request counters (``/__stats``): entries, faults, paths."""
+    base = server if isinstance(server, str) else server.base_url
+    with urllib.request.urlopen(f"{base}/__stats", timeout=10) as resp:
+        return Counter(json.loads(resp.read()))
+
+
+def entry_key(index: int) -> str:
+    """The path and query the built-in server counts for image ``index`` (320x240)."""
+    return f"/320/240?lock={index}"
+
+
+# ---------------------------------------------------------------------------- the manifest
+
+
+def manifest_text(out: Path) -> str:
+    path = out / MANIFEST
+    return path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
+
+
+def complete_lines(out: Path) -> list[str]:
+    """Manifest lines that end with a newline; a torn last line (kill -9) is left out."""
+    return manifest_text(out).split("\n")[:-1]
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    """Every complete manifest line, parsed: each one must be valid JSON."""
+    parsed = []
+    for line in complete_lines(out):
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"manifest line is not valid JSON: {line!r}")
+    return parsed
+
+
+def by_index(lines: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Manifest records keyed by index; two lines for one index fail the test."""
+    indices = [line["index"] for line in lines]
+    assert len(indices) == len(set(indices)), f"duplicate manifest lines: {sorted(indices)}"
+    return {line["index"]: line for line in lines}
+
+
+# ---------------------------------------------------------------------------- child processes
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The developer's environment without DOWNLOADER_* settings or proxies, plus ``extra``."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("DOWNLOADER_") and not name.lower().endswith("_proxy")
+    }
+    return {**env, **extra}
+
+
+@pytest.fixture
+def scrubbed_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DOWNLOADER_* setting from the developer's shell reaches this test."""
+    for name in list(os.environ):
+        if name.startswith("DOWNLOADER_"):
+            monkeypatch.delenv(name)
+
+
+def download_command() -> list[str]:
+    script = Path(sys.executable).parent / "download"
+    return [str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]
+
+
+def cli_args(
+    backend: str, base_url: str, out: Path, count: int, concurrency: int = 4, query: str = ""
+) -> list[str]:
+    url = base_url + "/{width}/{height}?lock={i}" + query
+    return [
+        "--backend", backend, "-n", str(count), "--concurrency", str(concurrency),
+        "--url", url, "--out", str(out), "-q",
+    ]  # fmt: skip
+
+
+@contextmanager
+def launched(
+    args: list[str],
+    cwd: Path,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[str]]:
+    """``download ARGS`` in its own process group; killed (group and all) if still running."""
+    proc = subprocess.Popen(
+        [*(command or download_command()), *args],
+        cwd=cwd,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        # Not read to EOF: after kill -9 the orphaned pool workers hold the pipes a while.
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*download_command(), *args],
+        cwd=cwd,
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of ``pid``, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[0]
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(info[0], []).append(int(entry.name))
+    return children
+
+
+def grandchildren(pid: int) -> set[int]:
+    """The processes two levels below ``pid``: pool workers, forked by the forkserver."""
+    children = _children()
+    return {g for child in children.get(pid, []) for g in children.get(child, [])}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (pool workers, the forkserver, resource tracker)."""
+    children = _children()
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    info = _proc_stat(pid)
+    return info is not None and info[1] != "Z"  # a zombie has exited; init may not reap it

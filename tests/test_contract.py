@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from conftest import (
     ImageServer,
     decode_size,
     make_settings,
+    records,
 )
 
 from downloader.lock import LOCK
@@ -27,10 +27,6 @@ MANIFEST_KEYS = {
     "index", "url", "final_url", "status", "path", "thumbnail",
     "bytes", "sha256", "width", "height", "attempts", "elapsed_ms", "error",
 }  # fmt: skip
-
-
-def manifest_lines(out: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
 
 
 def files_under(root: Path) -> set[Path]:
@@ -51,7 +47,7 @@ def test_happy_path(backend: str, image_server: ImageServer, tmp_path: Path) -> 
     report = run(settings)
 
     assert (report.ok, report.failed) == (count, 0)
-    lines = manifest_lines(out)
+    lines = records(out)
     assert sorted(line["index"] for line in lines) == list(range(count))
     for line in lines:
         assert set(line) == MANIFEST_KEYS
@@ -78,7 +74,7 @@ def test_hostile_server(backend: str, image_server: ImageServer, tmp_path: Path)
     settings = make_settings(backend, out, url, len(CASES), max_bytes=OVERSIZE_CAP)
     report = run(settings)
 
-    lines = {int(str(line["index"])): line for line in manifest_lines(out)}
+    lines = {int(str(line["index"])): line for line in records(out)}
     assert sorted(lines) == list(range(len(CASES)))  # exactly one line per index
     assert report.ok == len(OK_CASES) and report.failed == len(CASES) - len(OK_CASES)
     for index, case in enumerate(CASES):
@@ -120,4 +116,4 @@ def test_unreachable_host_is_a_failed_result(backend: str, tmp_path: Path) -> No
     assert (report.ok, report.failed) == (0, 3)
     assert all("connection failed" in str(r.error) for r in report.results)
     assert all(r.attempts == 3 for r in report.results)
-    assert len(manifest_lines(tmp_path / "pic")) == 3
+    assert len(records(tmp_path / "pic")) == 3

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import json
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_settings
+from conftest import make_settings, records, wait_for
 
 from downloader.backends import get_backend
 from downloader.backends.dask import check_out
@@ -34,21 +32,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def poll(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def manifest(out: Path) -> list[dict[str, Any]]:
-    path = out / "manifest.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 @pytest.fixture
@@ -124,13 +107,13 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    poll(lambda: len(manifest(out)) >= 40, 60, "40 results")
+    wait_for(lambda: len(records(out)) >= 40, "40 results")
     workers[0].send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr.decode()
-    records = manifest(out)
-    assert sorted(r["index"] for r in records) == list(range(count))  # each exactly once
-    for record in records:
+    lines = records(out)
+    assert sorted(r["index"] for r in lines) == list(range(count))  # each exactly once
+    for record in lines:
         assert record["status"] == "ok"
         data = (out / record["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == record["sha256"]
@@ -145,7 +128,7 @@ def test_local_cluster_runs_the_pipeline(slow_server: str, tmp_path: Path) -> No
     settings = make_settings("dask", out, slow_server + "/{width}/{height}?lock={i}", 30)
     report = run(settings.replace(dask=DaskSettings(shard_size=7, workers=2)))
     assert (report.ok, report.failed) == (30, 0)
-    assert sorted(r["index"] for r in manifest(out)) == list(range(30))
+    assert sorted(r["index"] for r in records(out)) == list(range(30))
 
 
 def test_worker_that_cannot_write_out_is_reported(tmp_path: Path) -> None:

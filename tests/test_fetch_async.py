@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from conftest import FakeAsyncSleep
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
 from downloader.fetch import Fetched, fetch_async
@@ -39,16 +40,6 @@ class _Mock(aioresponses):
         super().add(url, method, **kwargs)
 
 
-class FakeSleep:
-    """Records the waits the retry policy asks for instead of waiting."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
 @pytest.fixture
 def mock() -> Iterator[aioresponses]:
     with _Mock() as m:
@@ -56,8 +47,8 @@ def mock() -> Iterator[aioresponses]:
 
 
 @pytest.fixture
-def sleep() -> FakeSleep:
-    return FakeSleep()
+def sleep() -> FakeAsyncSleep:
+    return FakeAsyncSleep()
 
 
 def seen(m: aioresponses) -> int:
@@ -66,13 +57,13 @@ def seen(m: aioresponses) -> int:
 
 
 async def fetch(
-    url: str = URL, http: HttpSettings = FAST, sleep: FakeSleep | None = None
+    url: str = URL, http: HttpSettings = FAST, sleep: FakeAsyncSleep | None = None
 ) -> Fetched:
     async with aiohttp.ClientSession() as session:
-        return await fetch_async(session, url, http, sleep=sleep if sleep else FakeSleep())
+        return await fetch_async(session, url, http, sleep=sleep if sleep else FakeAsyncSleep())
 
 
-async def test_ok_image_is_fetched_once(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_ok_image_is_fetched_once(mock: aioresponses, sleep: FakeAsyncSleep) -> None:
     mock.get(URL, body=JPEG, content_type="image/jpeg")
     fetched = await fetch(sleep=sleep)
     assert fetched.data == JPEG
@@ -84,7 +75,7 @@ async def test_ok_image_is_fetched_once(mock: aioresponses, sleep: FakeSleep) ->
     assert sleep.calls == []
 
 
-async def test_503_then_200_is_retried(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_503_then_200_is_retried(mock: aioresponses, sleep: FakeAsyncSleep) -> None:
     mock.get(URL, status=503)
     mock.get(URL, body=JPEG, content_type="image/jpeg")
     fetched = await fetch(sleep=sleep)
@@ -95,7 +86,9 @@ async def test_503_then_200_is_retried(mock: aioresponses, sleep: FakeSleep) -> 
 
 
 @pytest.mark.parametrize("status", [404, 403, 400, 410])
-async def test_other_4xx_is_not_retried(mock: aioresponses, sleep: FakeSleep, status: int) -> None:
+async def test_other_4xx_is_not_retried(
+    mock: aioresponses, sleep: FakeAsyncSleep, status: int
+) -> None:
     mock.get(URL, status=status)
     mock.get(URL, body=JPEG, content_type="image/jpeg")  # must never be reached
     with pytest.raises(FetchError) as info:
@@ -107,7 +100,7 @@ async def test_other_4xx_is_not_retried(mock: aioresponses, sleep: FakeSleep, st
     assert sleep.calls == []
 
 
-async def test_429_retry_after_is_honoured(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_429_retry_after_is_honoured(mock: aioresponses, sleep: FakeAsyncSleep) -> None:
     mock.get(URL, status=429, headers={"Retry-After": "7"})
     mock.get(URL, body=JPEG, content_type="image/jpeg")
     fetched = await fetch(http=HttpSettings(backoff=0.01, max_backoff=30), sleep=sleep)
@@ -117,7 +110,9 @@ async def test_429_retry_after_is_honoured(mock: aioresponses, sleep: FakeSleep)
     assert sleep.calls[0] >= 7
 
 
-async def test_retry_after_is_capped_at_max_backoff(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_retry_after_is_capped_at_max_backoff(
+    mock: aioresponses, sleep: FakeAsyncSleep
+) -> None:
     mock.get(URL, status=503, headers={"Retry-After": "3600"})
     mock.get(URL, body=JPEG, content_type="image/jpeg")
     await fetch(http=HttpSettings(backoff=0.01, max_backoff=2), sleep=sleep)
@@ -136,7 +131,7 @@ async def test_retry_after_is_capped_at_max_backoff(mock: aioresponses, sleep: F
     ids=["timeout", "connection-error", "server-disconnected", "payload-error"],
 )
 async def test_transient_errors_are_retried(
-    mock: aioresponses, sleep: FakeSleep, exc: Exception
+    mock: aioresponses, sleep: FakeAsyncSleep, exc: Exception
 ) -> None:
     mock.get(URL, exception=exc)
     mock.get(URL, body=JPEG, content_type="image/jpeg")
@@ -154,7 +149,7 @@ async def test_timeout_message_is_one_line(mock: aioresponses) -> None:
     assert "\n" not in str(info.value)
 
 
-async def test_other_client_error_is_final(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_other_client_error_is_final(mock: aioresponses, sleep: FakeAsyncSleep) -> None:
     mock.get(URL, exception=aiohttp.InvalidURL(URL))
     with pytest.raises(FetchError) as info:
         await fetch(sleep=sleep)
@@ -164,7 +159,7 @@ async def test_other_client_error_is_final(mock: aioresponses, sleep: FakeSleep)
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
-async def test_retries_exhausted(mock: aioresponses, sleep: FakeSleep, retries: int) -> None:
+async def test_retries_exhausted(mock: aioresponses, sleep: FakeAsyncSleep, retries: int) -> None:
     mock.get(URL, status=503, repeat=True)
     with pytest.raises(RetryableFetchError) as info:
         await fetch(http=HttpSettings(backoff=0, retries=retries), sleep=sleep)
@@ -173,7 +168,7 @@ async def test_retries_exhausted(mock: aioresponses, sleep: FakeSleep, retries: 
     assert len(sleep.calls) == retries
 
 
-async def test_html_body_is_invalid_image(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_html_body_is_invalid_image(mock: aioresponses, sleep: FakeAsyncSleep) -> None:
     mock.get(URL, body="<html><body>nope</body></html>", content_type="text/html")
     with pytest.raises(InvalidImageError) as info:
         await fetch(sleep=sleep)
@@ -188,7 +183,9 @@ async def test_empty_body_is_invalid_image(mock: aioresponses) -> None:
         await fetch()
 
 
-async def test_declared_length_over_cap_is_refused(mock: aioresponses, sleep: FakeSleep) -> None:
+async def test_declared_length_over_cap_is_refused(
+    mock: aioresponses, sleep: FakeAsyncSleep
+) -> None:
     body = b"\xff\xd8\xff" + b"x" * 197
     mock.get(URL, body=body, content_type="image/jpeg", headers={"Content-Length": "200"})
     with pytest.raises(InvalidImageError) as info:

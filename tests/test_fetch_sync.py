@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import responses
+from conftest import FakeSleep
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
 from downloader.fetch import Fetched, fetch_sync, new_session
@@ -15,16 +16,6 @@ from downloader.settings import HttpSettings
 URL = "http://images.test/photo/1.jpg"
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"x" * 200
 FAST = HttpSettings(backoff=0.01, max_backoff=30, retries=3, timeout=5)
-
-
-class FakeSleep:
-    """Records the waits the retry policy asks for instead of waiting."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @pytest.fixture

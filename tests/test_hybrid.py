@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -10,16 +9,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ImageServer, make_settings
-from test_robustness import (
-    _cli_args,
+from conftest import (
+    ImageServer,
     alive,
+    cli_args,
     complete_lines,
     descendants,
     launched,
+    make_settings,
     records,
-    stats,
-    wait_until,
+    server_stats,
+    wait_for,
 )
 
 from downloader.backends.hybrid import _End, _Run, _Stopping, worker_count, worker_settings
@@ -29,7 +29,6 @@ from downloader.pipeline import run
 from downloader.result import Result
 from downloader.server import make_app, server_thread
 from downloader.settings import HttpSettings, ServerSettings, Settings
-from downloader.storage import MANIFEST
 
 
 @pytest.mark.parametrize(
@@ -90,7 +89,7 @@ def test_a_dead_worker_fails_only_its_own_images(tmp_path: Path) -> None:
         report = run(make_settings("hybrid", out, url, count), observer)
 
     assert observer.victim is not None
-    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    lines = records(out)
     assert sorted(line["index"] for line in lines) == list(range(count))
     lost = [line for line in lines if line["status"] == "failed"]
     # The victim held at most 2 x its 2 connections; it may have finished some of them.
@@ -112,7 +111,7 @@ def test_when_every_worker_dies_the_run_fails_after_recording_what_it_can(
         with pytest.raises(DownloaderError, match="every hybrid worker process failed"):
             run(make_settings("hybrid", out, url, count), KillOneWorker(at=6, every=True))
 
-    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    lines = records(out)
     indices = [line["index"] for line in lines]
     assert len(indices) == len(set(indices)) < count  # no image twice; the rest not tried
     lost = [line for line in lines if line["status"] == "failed"]
@@ -130,10 +129,7 @@ def test_results_match_the_asyncio_backend(image_server: ImageServer, tmp_path: 
         out = tmp_path / backend
         report = run(make_settings(backend, out, url, 12))
         assert report.ok == 12
-        manifests[backend] = {
-            json.loads(line)["index"]: (json.loads(line)["path"], json.loads(line)["sha256"])
-            for line in (out / MANIFEST).read_text().splitlines()
-        }
+        manifests[backend] = {r["index"]: (r["path"], r["sha256"]) for r in records(out)}
     assert manifests["asyncio"] == manifests["hybrid"]
 
 
@@ -143,9 +139,11 @@ def test_ctrl_c_stops_downloads_in_flight_after_the_last_job_went_out(tmp_path: 
     the server's 60 s."""
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=2, latency_ms=60_000))) as server:
-        args = _cli_args("hybrid", server, out, 4)
+        args = cli_args("hybrid", server.base_url, out, 4)
         with launched(args, tmp_path) as proc:
-            wait_until(lambda: sum(stats(server).values()) >= 4, "4 requests in flight", proc)
+            wait_for(
+                lambda: sum(server_stats(server).values()) >= 4, "4 requests in flight", proc=proc
+            )
             os.kill(proc.pid, signal.SIGINT)
             try:
                 stdout, stderr = proc.communicate(timeout=20)
@@ -162,7 +160,7 @@ def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
     out = tmp_path / "pic"
     count = 300
     with server_thread(make_app(ServerSettings(seed=4))) as server:
-        args = _cli_args("hybrid", server, out, count, 64, query="&pad=" + "x" * 1500)
+        args = cli_args("hybrid", server.base_url, out, count, 64, query="&pad=" + "x" * 1500)
         with launched(args, tmp_path) as proc:
             try:
                 stdout, stderr = proc.communicate(timeout=120)
@@ -177,13 +175,13 @@ def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
 def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
-        args = _cli_args("hybrid", server, out, 400, 8)
+        args = cli_args("hybrid", server.base_url, out, 400, 8)
         with launched(args, tmp_path) as proc:
-            wait_until(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc)
+            wait_for(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc=proc)
             tree = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-            wait_until(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
+            wait_for(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
             assert proc.stderr is not None
             stderr = proc.stderr.read()  # every writer is gone: this reaches EOF
     assert "Traceback" not in stderr, stderr

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import pytest
 import requests
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from conftest import CONTRACT_BACKENDS, make_settings
+from conftest import CONTRACT_BACKENDS, make_settings, server_stats
 
 from downloader import netguard
 from downloader.backends.aio import new_client
@@ -406,17 +404,11 @@ def builtin() -> Iterator[str]:
         yield running.base_url
 
 
-def stats(base: str) -> dict[str, int]:
-    with urllib.request.urlopen(f"{base}/__stats", timeout=5) as resp:
-        counts: dict[str, int] = json.loads(resp.read())
-    return counts
-
-
 @pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
 def test_every_backend_refuses_the_builtin_server_and_sends_it_nothing(
     backend: str, builtin: str, tmp_path: Path
 ) -> None:
-    before = stats(builtin)
+    before = server_stats(builtin)
     url = builtin + "/64/48?lock={i}"
     settings = make_settings(backend, tmp_path, url, 4, block_private=True)
     report = run(settings)
@@ -431,18 +423,18 @@ def test_every_backend_refuses_the_builtin_server_and_sends_it_nothing(
         assert f":{port}/" in result.url
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == 4
-    assert stats(builtin) == before  # not one request reached it
+    assert server_stats(builtin) == before  # not one request reached it
 
 
 @pytest.mark.parametrize("backend", ["sync", "asyncio"])
 def test_off_fetches_from_the_builtin_server_as_before(
     backend: str, builtin: str, tmp_path: Path
 ) -> None:
-    before = sum(stats(builtin).values())
+    before = sum(server_stats(builtin).values())
     settings = make_settings(backend, tmp_path, builtin + "/64/48?lock={i}", 3)
     report = run(settings)
     assert (report.ok, report.failed) == (3, 0)
-    assert sum(stats(builtin).values()) > before
+    assert sum(server_stats(builtin).values()) > before
 
 
 def test_a_local_run_reaches_its_own_server_with_block_private(tmp_path: Path) -> None:

@@ -17,14 +17,12 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +31,28 @@ import aiohttp
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import BACKENDS, CONTRACT_BACKENDS, ImageServer, jpeg, make_settings
+from conftest import (
+    BACKENDS,
+    CONTRACT_BACKENDS,
+    DEADLINE_S,
+    FakeAsyncSleep,
+    ImageServer,
+    alive,
+    by_index,
+    cli_args,
+    complete_lines,
+    descendants,
+    entry_key,
+    grandchildren,
+    jpeg,
+    launched,
+    make_settings,
+    manifest_text,
+    records,
+    run_cli,
+    server_stats,
+    wait_for,
+)
 from PIL import Image
 
 from downloader import politeness
@@ -47,16 +66,7 @@ from downloader.settings import HttpSettings, ServerSettings, Settings, Thumbnai
 from downloader.stop import StopToken
 from downloader.storage import MANIFEST, TEMP_SUFFIX
 
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 60.0  # how long a poll may wait before the test gives up (never reached normally)
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 def get_bytes(url: str) -> bytes:
@@ -65,39 +75,8 @@ def get_bytes(url: str) -> bytes:
         return data
 
 
-def stats(server: RunningServer) -> Counter[str]:
-    return Counter(get_json(f"{server.base_url}/__stats"))
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def manifest_text(out: Path) -> str:
-    path = out / MANIFEST
-    return path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
-
-
-def complete_lines(out: Path) -> list[str]:
-    """Manifest lines that end with a newline; a torn last line (kill -9) is left out."""
-    return manifest_text(out).split("\n")[:-1]
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    """Every complete manifest line, parsed: each one must be valid JSON."""
-    parsed = []
-    for line in complete_lines(out):
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            pytest.fail(f"manifest line is not valid JSON: {line!r}")
-    return parsed
-
-
-def by_index(lines: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    indices = [line["index"] for line in lines]
-    assert len(indices) == len(set(indices)), f"duplicate manifest lines: {sorted(indices)}"
-    return {line["index"]: line for line in lines}
 
 
 def visible_files(out: Path) -> list[Path]:
@@ -130,124 +109,6 @@ def assert_ok_files_match(out: Path, lines: dict[int, dict[str, Any]]) -> None:
             assert (out / line["thumbnail"]).is_file(), index
 
 
-def wait_until(
-    predicate: Callable[[], bool], what: str, proc: subprocess.Popen[str] | None = None
-) -> None:
-    """Poll ``predicate`` until it holds; fail if ``proc`` exits first or time runs out."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"process exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-# ---------------------------------------------------------------------------- subprocesses
-
-
-def download_command() -> list[str]:
-    script = Path(sys.executable).parent / "download"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, str(REPO / "cli.py")]
-
-
-def child_env() -> dict[str, str]:
-    """The developer's environment without DOWNLOADER_* settings or proxies."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("DOWNLOADER_") and not name.lower().endswith("_proxy")
-    }
-
-
-@contextmanager
-def launched(
-    args: list[str], cwd: Path, command: list[str] | None = None
-) -> Iterator[subprocess.Popen[str]]:
-    """``download ARGS`` in its own process group; killed (group and all) if still running."""
-    proc = subprocess.Popen(
-        [*(command or download_command()), *args],
-        cwd=cwd,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        # Not read to EOF: after kill -9 the orphaned pool workers hold the pipes a while.
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*download_command(), *args],
-        cwd=cwd,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _proc_stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, state) of ``pid``, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[0]
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _proc_stat(int(entry.name))) is not None:
-            children.setdefault(info[0], []).append(int(entry.name))
-    return children
-
-
-def grandchildren(pid: int) -> set[int]:
-    """The processes two levels below ``pid``: pool workers, forked by the forkserver."""
-    children = _children()
-    return {g for child in children.get(pid, []) for g in children.get(child, [])}
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (pool workers, the forkserver, resource tracker)."""
-    children = _children()
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    info = _proc_stat(pid)
-    return info is not None and info[1] != "Z"  # a zombie has exited; init may not reap it
-
-
-def entry_key(index: int) -> str:
-    """The path and query the built-in server counts for image ``index`` (320x240)."""
-    return f"/320/240?lock={index}"
-
-
 # ---------------------------------------------------------------------------- 1. faults
 
 
@@ -270,7 +131,7 @@ def test_every_image_survives_injected_faults(backend: str, tmp_path: Path) -> N
     with server_thread(make_app(FAULTY)) as server:
         url = server.base_url + "/{width}/{height}?lock={i}"
         report = run(make_settings(backend, out, url, count, timeout=1.0, retries=3))
-        counts = stats(server)
+        counts = server_stats(server)
         served: dict[str, bytes] = {}
         lines = by_index(records(out))
         for line in lines.values():
@@ -300,29 +161,14 @@ def test_every_image_survives_injected_faults(backend: str, tmp_path: Path) -> N
 # ---------------------------------------------------------------------------- 2. kill -9
 
 
-def _cli_args(
-    backend: str,
-    server: RunningServer,
-    out: Path,
-    count: int,
-    concurrency: int = 4,
-    query: str = "",
-) -> list[str]:
-    url = server.base_url + "/{width}/{height}?lock={i}" + query
-    return [
-        "--backend", backend, "-n", str(count), "--concurrency", str(concurrency),
-        "--url", url, "--out", str(out), "-q",
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("backend", ["asyncio", "processes", "hybrid"])
 def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path: Path) -> None:
     count = 120
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
-        args = _cli_args(backend, server, out, count)
+        args = cli_args(backend, server.base_url, out, count)
         with launched(args, tmp_path) as proc:
-            wait_until(lambda: len(complete_lines(out)) >= 20, "20 manifest lines", proc)
+            wait_for(lambda: len(complete_lines(out)) >= 20, "20 manifest lines", proc=proc)
             tree = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
@@ -334,9 +180,9 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
         assert_ok_files_match(out, killed)
         kept = {i for i, line in killed.items() if line["status"] == "ok"}
 
-        before = stats(server)
+        before = server_stats(server)
         resumed = run_cli([*args, "--resume"], tmp_path)
-        after = stats(server)
+        after = server_stats(server)
 
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
@@ -354,7 +200,7 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
     assert again == set(range(count)) - kept, "every image not recorded ok is fetched"
 
     # The pool workers and the forkserver of the killed run did not outlive it.
-    wait_until(lambda: not any(alive(pid) for pid in tree), "the killed run's children to exit")
+    wait_for(lambda: not any(alive(pid) for pid in tree), "the killed run's children to exit")
 
 
 # ---------------------------------------------------------------------------- 3. signals
@@ -379,9 +225,9 @@ def test_signal_stops_the_run_cleanly(backend: str, signum: int, tmp_path: Path)
     count = 200
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=6, latency_ms=30))) as server:
-        args = _cli_args(backend, server, out, count)
+        args = cli_args(backend, server.base_url, out, count)
         with launched(args, tmp_path) as proc:
-            wait_until(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc)
+            wait_for(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc=proc)
             tree = descendants(proc.pid)
             # To the main process only: a terminal's Ctrl-C signals the whole group, which
             # can kill a pool worker (processes, or the thumbnail pool) that is still
@@ -404,7 +250,7 @@ def test_signal_stops_the_run_cleanly(backend: str, signum: int, tmp_path: Path)
     ok = sum(line["status"] == "ok" for line in lines.values())
     failed = len(lines) - ok
     assert f"{backend}: {ok} ok, {failed} failed" in summary[0]
-    wait_until(lambda: not any(alive(pid) for pid in tree), "the run's children to exit")
+    wait_for(lambda: not any(alive(pid) for pid in tree), "the run's children to exit")
 
 
 SLOW_BOOT = """\
@@ -429,9 +275,9 @@ def test_ctrl_c_while_pool_workers_start(tmp_path: Path) -> None:
     script.write_text(SLOW_BOOT)
     out = tmp_path / "pic"
     with server_thread(make_app(ServerSettings(seed=6, latency_ms=30))) as server:
-        args = _cli_args("processes", server, out, 200)
+        args = cli_args("processes", server.base_url, out, 200)
         with launched(args, tmp_path, command=[sys.executable, str(script)]) as proc:
-            wait_until(lambda: len(grandchildren(proc.pid)) >= 4, "4 pool workers", proc)
+            wait_for(lambda: len(grandchildren(proc.pid)) >= 4, "4 pool workers", proc=proc)
             os.killpg(proc.pid, signal.SIGINT)
             stdout, stderr = proc.communicate(timeout=30)
 
@@ -594,7 +440,7 @@ def test_a_stop_cuts_slow_requests_short(backend: str, tmp_path: Path) -> None:
         settings = make_settings(backend, out, url, 4, timeout=120.0, concurrency=2)
         stop = StopToken()
         thread, box = run_in_thread(settings, stop)
-        wait_until(lambda: sum(stats(server).values()) >= 1, "a request in flight")
+        wait_for(lambda: sum(server_stats(server).values()) >= 1, "a request in flight")
         stop.set()
         thread.join(20)
         assert not thread.is_alive(), "the stop waited for the slow server"
@@ -834,26 +680,23 @@ def test_429_pauses_every_request_to_the_host(backend: str, tmp_path: Path) -> N
 async def test_fetch_async_pauses_the_gate_on_429() -> None:
     throttler = Throttler(hold_s=0)
     pauses: list[tuple[str, float]] = []
-    waits: list[float] = []
+    waits = FakeAsyncSleep()
 
     class RecordingGate(HostGate):
         def pause(self, host: str, seconds: float) -> None:
             pauses.append((host, seconds))
             super().pause(host, seconds)
 
-    async def fake_sleep(seconds: float) -> None:
-        waits.append(seconds)
-
     with server_thread(throttler.app()) as server:
         url = server.base_url + "/p/0"
         gate = RecordingGate()
         http = HttpSettings(retries=2, backoff=0.01, max_backoff=5.0, timeout=10)
         async with aiohttp.ClientSession() as session:
-            fetched = await fetch_async(session, url, http, sleep=fake_sleep, gate=gate)
+            fetched = await fetch_async(session, url, http, sleep=waits, gate=gate)
 
     assert fetched.attempts == 2
     assert pauses == [(host_of(url), 1.0)]
-    assert waits == [1.0]  # the retry policy honours Retry-After as well
+    assert waits.calls == [1.0]  # the retry policy honours Retry-After as well
     # The retry went through the gate: it reached the server after the pause ended.
     assert throttler.throttled_at is not None
     assert throttler.arrivals[1][0] >= throttler.throttled_at + 1.0 - 0.005
@@ -883,7 +726,7 @@ def test_fetch_sync_deadline_cuts_a_trickling_body(trickle: RunningServer) -> No
         session.close()
     elapsed = time.monotonic() - start
     assert info.value.attempts == 1
-    assert stats(trickle)["fault:slow"] == 1  # the body really was a trickle
+    assert server_stats(trickle)["fault:slow"] == 1  # the body really was a trickle
     assert elapsed < 4.0, "gave up well before the 5 s trickle would have ended"
 
 
@@ -895,7 +738,7 @@ async def test_fetch_async_deadline_cuts_a_trickling_body(trickle: RunningServer
             await fetch_async(session, url, DEADLINE)
     elapsed = time.monotonic() - start
     assert info.value.attempts == 1
-    counts = await asyncio.to_thread(stats, trickle)
+    counts = await asyncio.to_thread(server_stats, trickle)
     assert counts["fault:slow"] == 1
     assert elapsed < 4.0, "gave up well before the 5 s trickle would have ended"
 
@@ -929,10 +772,7 @@ MORE_BAD_INPUTS = [
 
 
 @pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith("DOWNLOADER_"):
-            monkeypatch.delenv(name)
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scrubbed_env: None) -> Path:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("I am a file, not a folder\n")
     (tmp_path / "cdir").mkdir()

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from conftest import wait_for
+from conftest import server_stats, wait_for
 from PIL import Image
 
 from downloader.errors import ConfigError
@@ -41,11 +41,6 @@ def serve() -> Iterator[Serve]:
             return stack.enter_context(server_thread(make_app(ServerSettings(**settings))))
 
         yield start
-
-
-def stats(server: RunningServer) -> dict[str, int]:
-    counts: dict[str, int] = requests.get(f"{server.base_url}/__stats", timeout=TIMEOUT).json()
-    return counts
 
 
 def normal_image(server: RunningServer, path: str = PATH) -> bytes:
@@ -76,7 +71,7 @@ def test_refusals_carry_retry_after(serve: Serve, kind: str, status: int, reason
     assert (resp.status_code, resp.reason) == (status, reason)
     assert resp.headers["Retry-After"] == "7"
     normal_image(server)
-    counts = stats(server)
+    counts = server_stats(server)
     assert counts[f"fault:{kind}"] == 1
     assert counts["entry"] == counts[PATH] == 2
 
@@ -87,7 +82,7 @@ def test_dropped_body_is_an_error_for_requests(serve: Serve, kind: str) -> None:
     with pytest.raises(requests.exceptions.ChunkedEncodingError, match="IncompleteRead"):
         requests.get(server.base_url + PATH, timeout=TIMEOUT)
     normal_image(server)
-    assert stats(server)[f"fault:{kind}"] == 1
+    assert server_stats(server)[f"fault:{kind}"] == 1
 
 
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
@@ -102,7 +97,7 @@ async def test_dropped_body_is_an_error_for_aiohttp(serve: Serve, kind: str) -> 
         async with session.get(server.base_url + PATH) as resp:
             assert resp.status == 200 and resp.history[0].status == 302
             decodes(await resp.read())
-    assert stats(server)[f"fault:{kind}"] == 1
+    assert server_stats(server)[f"fault:{kind}"] == 1
 
 
 def raw_get(server: RunningServer, path: str) -> tuple[dict[str, str], bytes]:
@@ -139,7 +134,7 @@ def test_slow_body_completes_late(serve: Serve) -> None:
     assert resp.status_code == 200 and not resp.history  # answered directly, no redirect
     assert 0.25 <= took < 3
     assert resp.content == normal_image(server)
-    assert stats(server)["fault:slow"] == 1
+    assert server_stats(server)["fault:slow"] == 1
 
 
 def test_corrupt_is_persistent(serve: Serve) -> None:
@@ -154,7 +149,7 @@ def test_corrupt_is_persistent(serve: Serve) -> None:
             decodes(resp.content)
         bodies.append(resp.content)
     assert bodies[0] == bodies[1]
-    assert stats(server)["fault:corrupt"] == 2
+    assert server_stats(server)["fault:corrupt"] == 2
 
 
 def test_stall_times_out_without_blocking_the_server(serve: Serve) -> None:
@@ -162,13 +157,13 @@ def test_stall_times_out_without_blocking_the_server(serve: Serve) -> None:
     url = server.base_url + PATH
     with ThreadPoolExecutor(1) as pool:
         stalled = pool.submit(requests.get, url, timeout=2.0)
-        wait_for(lambda: stats(server).get("fault:stall", 0) == 1)  # it is stalling now
+        wait_for(lambda: server_stats(server).get("fault:stall", 0) == 1)  # it is stalling now
         normal_image(server)  # same URL, second request: served while the first one stalls
         assert not stalled.done()
         with pytest.raises(requests.exceptions.ReadTimeout):
             stalled.result()
-    wait_for(lambda: stats(server).get("stall:abandoned", 0) == 1)  # the handler noticed
-    assert stats(server)["fault:stall"] == 1
+    wait_for(lambda: server_stats(server).get("stall:abandoned", 0) == 1)  # the handler noticed
+    assert server_stats(server)["fault:stall"] == 1
 
 
 async def test_stall_times_out_for_aiohttp(serve: Serve) -> None:
@@ -189,7 +184,7 @@ def test_stall_ends_when_the_server_stops() -> None:
     server = ctx.__enter__()
     with ThreadPoolExecutor(1) as pool:
         stalled = pool.submit(requests.get, server.base_url + PATH, timeout=TIMEOUT)
-        wait_for(lambda: stats(server).get("fault:stall", 0) == 1)  # it is stalling now
+        wait_for(lambda: server_stats(server).get("fault:stall", 0) == 1)  # it is stalling now
         ctx.__exit__(None, None, None)  # returns (pytest-timeout would end a hang)...
         assert stalled.result().status_code == 503  # ...and answers the stalled client
 
@@ -212,7 +207,7 @@ def test_latency_still_applies(serve: Serve) -> None:
 def test_no_faults_by_default(serve: Serve) -> None:
     server = serve()
     normal_image(server)
-    assert not any(key.startswith(("fault:", "stall:")) for key in stats(server))
+    assert not any(key.startswith(("fault:", "stall:")) for key in server_stats(server))
 
 
 # ---------------------------------------------------------------------------- determinism

@@ -5,50 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
+from conftest import child_env, download_command, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "process-test-token"
 SLOW = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 2},
         "server": {"latency_ms": 100}}  # fmt: skip
-
-
-def download_command() -> list[str]:
-    script = Path(sys.executable).parent / "download"
-    return [str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("DOWNLOADER_") and not k.lower().endswith("_proxy")
-    }
-    return {**env, **extra}
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -78,19 +50,19 @@ class Service:
             job = self.job(job_id)
             return job if job["state"] in ("done", "failed", "cancelled") else None
 
-        result: dict[str, Any] = until(ended, f"job {job_id} to end", timeout=90)
+        result: dict[str, Any] = wait_for(ended, f"job {job_id} to end", seconds=90)
         return result
 
 
 @contextlib.contextmanager
 def service(data: Path, *args: str, token: str | None = None) -> Iterator[Service]:
     log = data.with_name(data.name + f"-{time.monotonic_ns()}.log")
-    env = clean_env(**({"DOWNLOADER_SERVICE_TOKEN": token} if token else {}))
+    env = child_env(**({"DOWNLOADER_SERVICE_TOKEN": token} if token else {}))
     command = [*download_command(), "service", "--port", "0", "--data", str(data), *args]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
-        port = until(lambda: _port(log) or proc.poll() is not None, "the service to listen")
+        port = wait_for(lambda: _port(log) or proc.poll() is not None, "the service to listen")
         assert proc.poll() is None, log.read_text()
         yield Service(proc, f"http://127.0.0.1:{port}", log, data, token)
     finally:
@@ -140,13 +112,13 @@ def test_kill_9_mid_job_then_restart_finishes_without_refetching(tmp_path: Path)
     with service(data, "--max-jobs", "1", token=TOKEN) as first:
         job_id = first.submit(count=40, **SLOW)
         waiting = first.submit(count=2, local=True, thumbnails={"size": 0})
-        until(lambda: first.job(job_id)["ok"] >= 6, "a few images")
+        wait_for(lambda: first.job(job_id)["ok"] >= 6, "a few images")
         pid = job_pid(data, job_id)
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"DOWNLOADER_SERVICE_TOKEN" not in environ and TOKEN.encode() not in environ
         first.proc.kill()
         first.proc.wait(30)
-        until(lambda: gone(pid), "the job's process to stop with the service")
+        wait_for(lambda: gone(pid), "the job's process to stop with the service")
     kept = ok_files(data / "jobs" / job_id)
     assert len(kept) >= 6
     with service(data, "--max-jobs", "1", token=TOKEN) as second:
@@ -167,7 +139,7 @@ def test_sigterm_stops_the_service_and_its_jobs_resume(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with service(data) as svc:
         job_id = svc.submit(count=60, **SLOW)
-        until(lambda: svc.job(job_id)["ok"] >= 2, "a few images")
+        wait_for(lambda: svc.job(job_id)["ok"] >= 2, "a few images")
         pid = job_pid(data, job_id)
         svc.proc.send_signal(signal.SIGTERM)
         assert svc.proc.wait(60) == 0
@@ -202,14 +174,14 @@ def test_max_jobs_is_never_exceeded(tmp_path: Path, image_server: Any) -> None:
 def test_start_refuses_unsafe_or_busy_setups(tmp_path: Path) -> None:
     command = download_command()
     exposed = subprocess.run([*command, "service", "--host", "0.0.0.0", "--data", str(tmp_path)],
-                             capture_output=True, env=clean_env(), timeout=60)  # fmt: skip
+                             capture_output=True, env=child_env(), timeout=60)  # fmt: skip
     assert exposed.returncode == 2
     assert exposed.stderr.decode().strip().splitlines() == [
         "error: listening on 0.0.0.0 needs a token (--token or DOWNLOADER_SERVICE_TOKEN)"
     ]
     with service(tmp_path / "data") as svc:
         busy = subprocess.run([*command, "service", "--port", "0", "--data", str(svc.data)],
-                              capture_output=True, env=clean_env(), timeout=60)  # fmt: skip
+                              capture_output=True, env=child_env(), timeout=60)  # fmt: skip
         assert busy.returncode == 2
         assert f"is in use by another service (pid {svc.proc.pid})" in busy.stderr.decode()
 
@@ -219,7 +191,7 @@ def test_submit_wait_exits_with_the_jobs_code(tmp_path: Path) -> None:
 
         def submit(*args: str) -> subprocess.CompletedProcess[str]:
             command = [*download_command(), "submit", "--service", svc.url, "--wait", *args]
-            return subprocess.run(command, capture_output=True, text=True, env=clean_env(),
+            return subprocess.run(command, capture_output=True, text=True, env=child_env(),
                                   timeout=120)  # fmt: skip
 
         ok = submit("-n", "3", "--local", "--thumbnail-size", "0")
@@ -237,9 +209,9 @@ def test_submit_wait_exits_with_the_jobs_code(tmp_path: Path) -> None:
         command = [*download_command(), "submit", "--service", svc.url, "--wait", "-n", "100",
                    "--local", "--latency-ms", "200", "--concurrency", "1"]  # fmt: skip
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              env=clean_env()) as waiting:  # fmt: skip
+                              env=child_env()) as waiting:  # fmt: skip
             assert waiting.stdout is not None
             job_id = waiting.stdout.readline().decode().strip()
-            until(lambda: svc.job(job_id)["state"] == "running", "the job to run")
+            wait_for(lambda: svc.job(job_id)["state"] == "running", "the job to run")
             assert svc.call("DELETE", f"/api/v1/jobs/{job_id}").status_code == 202
             assert waiting.wait(60) == 130

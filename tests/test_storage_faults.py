@@ -14,19 +14,29 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import CONTRACT_BACKENDS, ImageServer, jpeg, make_settings
+from conftest import (
+    CONTRACT_BACKENDS,
+    DEADLINE_S,
+    ImageServer,
+    child_env,
+    complete_lines,
+    jpeg,
+    launched,
+    make_settings,
+    run_cli,
+    server_stats,
+    wait_for,
+)
 
 from downloader import OutputInUseError, StorageFaultError
 from downloader.lock import LOCK, OutputLock, holder
@@ -37,69 +47,11 @@ from downloader.server import make_app, server_thread
 from downloader.settings import ServerSettings
 from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256, storage_fault
 
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 60.0  # a poll gives up after this long (never reached when things work)
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
-def wait_until(predicate: Callable[[], bool], what: str, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"process exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def command(args: list[str]) -> list[str]:
-    script = Path(sys.executable).parent / "download"
-    return [*([str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]), *args]
-
-
 DASK_WORKERS = 1  # the dask backend's LocalCluster: one worker starts in half the time
-
-
-def child_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("DOWNLOADER_") and not k.lower().endswith("_proxy")
-    }
-    return {**env, "DOWNLOADER_DASK_WORKERS": str(DASK_WORKERS)}
-
-
-@contextmanager
-def launched(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
-    """``download ARGS`` in its own process group, killed with it if still running."""
-    proc = subprocess.Popen(
-        command(args),
-        cwd=cwd,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(args), cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=120
-    )
+ENV = child_env(DOWNLOADER_DASK_WORKERS=str(DASK_WORKERS))
 
 
 def cli_args(
@@ -148,11 +100,6 @@ def gate() -> Iterator[tuple[Gate, str]]:
     state.open.set()
 
 
-def lines_of(out: Path) -> list[str]:
-    path = out / MANIFEST
-    return path.read_text().split("\n")[:-1] if path.exists() else []
-
-
 def manifest(out: Path) -> dict[int, dict[str, Any]]:
     """Every manifest line parsed (each must be whole, valid JSON), one per index."""
     text = (out / MANIFEST).read_text()
@@ -189,12 +136,14 @@ def test_a_second_run_on_one_out_exits_2_at_once(gate: tuple[Gate, str], tmp_pat
     out = tmp_path / "pic"
     count = 12
     args = ["--backend", "threads", "-n", str(count), "--url", url, "--out", str(out), "-q"]
-    with launched(args, tmp_path) as first:
-        wait_until(lambda: len(list(out.glob("*.jpg"))) >= state.after, "the first images", first)
+    with launched(args, tmp_path, env=ENV) as first:
+        wait_for(
+            lambda: len(list(out.glob("*.jpg"))) >= state.after, "the first images", proc=first
+        )
         # As if the first run had a write under way: the second must not sweep it.
         decoy = out / f".decoy{TEMP_SUFFIX}"
         decoy.write_bytes(b"")
-        second = run_cli(args, tmp_path)
+        second = run_cli(args, tmp_path, ENV)
         assert first.poll() is None
         assert decoy.exists(), "the second run swept the first's temp files"
         decoy.unlink()
@@ -240,14 +189,14 @@ def test_a_run_killed_with_9_does_not_block_the_next(
     count = 12
     args = ["--concurrency", "2", "-n", str(count), "--url", url]
     args += ["--out", str(out), "-q"]
-    with launched(args, tmp_path) as proc:
-        wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+    with launched(args, tmp_path, env=ENV) as proc:
+        wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
         assert holder(out) == proc.pid
         os.kill(proc.pid, signal.SIGKILL)  # its thumbnail pool may live on a moment
         proc.wait(timeout=30)
     assert holder(out) is None
     state.open.set()
-    resumed = run_cli([*args, "--resume"], tmp_path)
+    resumed = run_cli([*args, "--resume"], tmp_path, ENV)
 
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(assert_consistent(out)) == list(range(count))
@@ -338,14 +287,14 @@ def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
     with server_thread(state.app()) as server:
         url = server.base_url + "/gate/{i}"
         args = ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
-        assert run_cli(args, tmp_path).returncode == 1
+        assert run_cli(args, tmp_path, ENV).returncode == 1
         before = manifest(out)
         assert {i for i, line in before.items() if line["status"] != "ok"} == failing
 
         # Re-run: the first 4 failed images answer at once, the rest hang until Ctrl-C.
         state.after = sorted(failing)[4]
-        with launched([*args, "--retry-failed", "--concurrency", "2"], tmp_path) as proc:
-            wait_until(lambda: len(lines_of(out)) >= count + 4, "4 lines re-run", proc)
+        with launched([*args, "--retry-failed", "--concurrency", "2"], tmp_path, env=ENV) as proc:
+            wait_for(lambda: len(complete_lines(out)) >= count + 4, "4 lines re-run", proc=proc)
             os.kill(proc.pid, signal.SIGINT)
             stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130, (stdout, stderr)
@@ -358,7 +307,7 @@ def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
 
         state.open.set()
         hits = state.hits.copy()
-        assert run_cli([*args, "--retry-failed"], tmp_path).returncode == 1
+        assert run_cli([*args, "--retry-failed"], tmp_path, ENV).returncode == 1
         assert {i for i in range(count) if state.hits[i] > hits[i]} == failing
     assert sorted(assert_consistent(out)) == list(range(count))
 
@@ -414,16 +363,14 @@ def test_a_disk_fault_stops_the_run_on_every_backend(
     out = tmp_path / "pic"
     counter = tmp_path / "writes"
     env = {
-        **child_env(),
+        **ENV,
         "FAULTY_DISK": f"{errno.errorcode[code]}:{after}:{counter}",
         "PYTHONPATH": os.pathsep.join([str(FAULTY_DISK), os.environ.get("PYTHONPATH", "")]),
     }
     with server_thread(make_app(ServerSettings(seed=2, latency_ms=20))) as server:
         args = cli_args(server.base_url, out, count, backend, concurrency)
-        done = subprocess.run(
-            command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-        )
-        fetched = Counter(json.loads(urllib.request.urlopen(server.base_url + "/__stats").read()))
+        done = run_cli(args, tmp_path, env)
+        fetched = server_stats(server)
 
     assert_stopped_by_fault(done, done.stdout, done.stderr, fault_line(code, out))
     lines = assert_consistent(out)
@@ -480,8 +427,8 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
         out = small / "pic"
         args = cli_args(server.base_url, out, count, backend, concurrency=4)
         args[args.index("--size") + 1] = "320x240"
-        full = run_cli(args, tmp_path)
-        fetched = Counter(json.loads(urllib.request.urlopen(server.base_url + "/__stats").read()))
+        full = run_cli(args, tmp_path, ENV)
+        fetched = server_stats(server)
         assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
         lines = assert_consistent(out)
         assert all(line["status"] == "ok" for line in lines.values())
@@ -489,7 +436,7 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
         assert fetched["entry"] <= len(lines) + 1 + in_flight_bound(backend, 4)
 
         remount(small, "size=64m")
-        resumed = run_cli([*args, "--resume"], tmp_path)
+        resumed = run_cli([*args, "--resume"], tmp_path, ENV)
         assert resumed.returncode == 0, resumed.stderr
         lines = assert_consistent(out)
     assert sorted(lines) == list(range(count))
@@ -501,8 +448,8 @@ def test_out_removed_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) ->
     out = tmp_path / "pic"
     count = 40
     args = ["--concurrency", "2", "-n", str(count), "--url", url, "--out", str(out), "-q"]
-    with launched(args, tmp_path) as proc:
-        wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+    with launched(args, tmp_path, env=ENV) as proc:
+        wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
         shutil.rmtree(out)
         state.open.set()
         stdout, stderr = proc.communicate(timeout=DEADLINE_S)
@@ -519,8 +466,8 @@ def test_out_made_read_only_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: P
         out = disk / "pic"
         args = ["--backend", "threads", "--concurrency", "2", "-n", str(count), "--url", url]
         args += ["--out", str(out), "-q"]
-        with launched(args, tmp_path) as proc:
-            wait_until(lambda: len(lines_of(out)) >= state.after, "the first lines", proc)
+        with launched(args, tmp_path, env=ENV) as proc:
+            wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
             remount(disk, "ro")
             state.open.set()
             stdout, stderr = proc.communicate(timeout=DEADLINE_S)
@@ -538,17 +485,14 @@ def test_a_retry_failed_stopped_by_a_disk_fault_keeps_every_line(tmp_path: Path)
         url = server.base_url + "/gate/{i}"
         args = ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
         args += ["--concurrency", "1"]
-        assert run_cli(args, tmp_path).returncode == 1
+        assert run_cli(args, tmp_path, ENV).returncode == 1
         state.fail = frozenset()  # they would all succeed now, but the disk breaks
         env = {
-            **child_env(),
+            **ENV,
             "FAULTY_DISK": f"ENOSPC:4:{tmp_path / 'writes'}",  # 2 images and their thumbnails
             "PYTHONPATH": os.pathsep.join([str(FAULTY_DISK), os.environ.get("PYTHONPATH", "")]),
         }
-        broken = subprocess.run(
-            command([*args, "--retry-failed"]), cwd=tmp_path, env=env, capture_output=True,
-            text=True, timeout=120,
-        )  # fmt: skip
+        broken = run_cli([*args, "--retry-failed"], tmp_path, env)
         assert_stopped_by_fault(broken, broken.stdout, broken.stderr, fault_line(errno.ENOSPC, out))
         lines = assert_consistent(out)
         assert sorted(lines) == list(range(count))  # every index kept a line
@@ -556,7 +500,7 @@ def test_a_retry_failed_stopped_by_a_disk_fault_keeps_every_line(tmp_path: Path)
         assert len(still_failed) == len(failing) - 2
 
         hits = state.hits.copy()
-        assert run_cli([*args, "--retry-failed"], tmp_path).returncode == 0
+        assert run_cli([*args, "--retry-failed"], tmp_path, ENV).returncode == 0
         assert {i for i in range(count) if state.hits[i] > hits[i]} == still_failed
     lines = assert_consistent(out)
     assert sorted(lines) == list(range(count))
