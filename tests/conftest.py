@@ -24,10 +24,12 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
+from click.testing import CliRunner, Result
 from PIL import Image
 
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import get_backend
+from downloader.cli import main as cli_main
 from downloader.errors import ConfigError
 from downloader.server import RunningServer, make_app, render_photo, server_thread
 from downloader.settings import (
@@ -318,6 +320,11 @@ def scrubbed_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DOWNLOADER_"):
             monkeypatch.delenv(name)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    """``download ARGS`` in this process, through click's test runner."""
+    return CliRunner().invoke(cli_main, list(args), env=env, input=input)
 
 
 def download_command() -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import invoke
 
 from downloader import busywork
 from downloader.cli import main
@@ -261,3 +262,9 @@ def test_all_scenarios_chart_side_by_side_and_json_by_name(tmp_path: Path) -> No
     assert list(data) == ["io", "cpu", "gil"]
     assert data["gil"]["advice"]["winner"] == "processes"
     assert data["io"]["closing_line"].startswith("classic advice: asyncio for slow I/O")
+
+
+def test_compare_refuses_an_unwritable_json_path_before_running() -> None:
+    result = invoke("compare", "-n", "1", "--json", "/dev/null/x.json")
+    code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+    assert code == 2 and "not a folder" in stderr and stdout == ""

@@ -1,11 +1,9 @@
-"""URL lists, loremflickr options, --unique, name templates and the Python API."""
+"""loremflickr options, --unique, name templates and the Python API (URL lists: test_url_lists)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,21 +11,17 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import ImageServer, jpeg, make_settings
+from conftest import ImageServer, invoke, jpeg, make_settings, records, server_stats
 from PIL import Image
 
 import downloader
 from downloader import Settings, download
 from downloader.cli import main
 from downloader.errors import ConfigError
-from downloader.jobs import Template, UrlList
+from downloader.jobs import Template
 from downloader.pipeline import run
 from downloader.server import make_app, server_thread
 from downloader.settings import ServerSettings
-
-
-def lines(out: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -35,71 +29,6 @@ def small_pool() -> Iterator[str]:
     """A server with only 12 distinct photos per size, picked at random without ?lock=."""
     with server_thread(make_app(ServerSettings(seed=3, pool_size=12))) as server:
         yield server.base_url
-
-
-# ---------------------------------------------------------------------------- URL lists
-
-
-def test_url_list_file_skips_comments_and_reports_bad_lines(
-    image_server: ImageServer, tmp_path: Path
-) -> None:
-    base = image_server.base
-    listing = tmp_path / "urls.txt"
-    listing.write_text(
-        f"# my images\n{base}/320/240?lock=1\n\n   \nnot a url\n{base}/320/240?lock=2\n"
-        "ftp://example.com/x.jpg\n"
-    )
-    settings = make_settings("threads", tmp_path / "out", "http://unused/{i}", 1)
-    report = run(settings.replace(urls=str(listing)))
-    by_index = {line["index"]: line for line in lines(tmp_path / "out")}
-    assert sorted(by_index) == [0, 1, 2, 3]
-    assert [by_index[i]["status"] for i in range(4)] == ["ok", "failed", "ok", "failed"]
-    assert "http://" in str(by_index[1]["error"]) and "not a url" in str(by_index[1]["error"])
-    assert (report.ok, report.failed) == (2, 2)
-
-
-@pytest.mark.parametrize("delimiter, suffix", [(",", ".csv"), ("\t", ".tsv")])
-def test_url_list_table_uses_the_url_column(
-    image_server: ImageServer, tmp_path: Path, delimiter: str, suffix: str
-) -> None:
-    base = image_server.base
-    table = tmp_path / f"urls{suffix}"
-    rows = [["name", "URL"], ["a", f"{base}/320/240?lock=3"], ["b", f"{base}/320/240?lock=4"]]
-    table.write_text("\n".join(delimiter.join(row) for row in rows) + "\n")
-    assert [job.url for job in UrlList(str(table)).jobs()] == [rows[1][1], rows[2][1]]
-    report = run(
-        make_settings("sync", tmp_path / "out", "http://x/{i}", 1).replace(urls=str(table))
-    )
-    assert report.ok == 2
-
-
-def test_url_list_without_url_column_is_a_config_error(tmp_path: Path) -> None:
-    table = tmp_path / "urls.csv"
-    table.write_text("name,link\na,http://x/1\n")
-    with pytest.raises(ConfigError, match="no 'url' column"):
-        UrlList(str(table))
-
-
-def test_url_list_from_stdin(image_server: ImageServer, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    text = f"{image_server.base}/320/240?lock=5\n# skip\n{image_server.base}/320/240?lock=6\n"
-    result = CliRunner().invoke(main, ["--urls", "-", "--out", str(out), "-q"], input=text)
-    assert result.exit_code == 0, result.output + result.stderr
-    assert len(lines(out)) == 2
-
-
-def test_url_list_is_streamed_not_loaded(tmp_path: Path) -> None:
-    """Cut the list short after the first job is out: a streaming reader sees the cut (it
-    has read at most a buffer ahead), one that loaded the whole list first does not."""
-    listing = tmp_path / "urls.txt"
-    lines = [f"http://h/{i:06d}.jpg\n" for i in range(100_000)]
-    listing.write_text("".join(lines))
-    jobs = UrlList(str(listing)).jobs()
-    assert next(jobs).url == "http://h/000000.jpg"
-    with open(listing, "r+") as fh:
-        fh.truncate(len("".join(lines[:20_000])))
-    rest = sum(1 for _ in jobs)
-    assert 20_000 - 1 <= rest < 21_000  # a read buffer's worth of slack at most
 
 
 # ---------------------------------------------------------------------------- loremflickr options
@@ -136,7 +65,7 @@ def test_cli_size_gray_keywords_reach_the_server(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output + result.stderr
-    for line in lines(out):
+    for line in records(out):
         assert "/g/200/100/cat/any?lock=" in str(line["url"])
         with Image.open(out / str(line["path"])) as img:
             assert img.size == (200, 100) and img.mode == "L"
@@ -155,10 +84,10 @@ def test_unique_fetches_until_n_distinct_images(
     images = [p for p in out.iterdir() if p.suffix == ".jpg"]
     digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
     assert report.unique == 8 and len(images) == 8 and len(digests) == 8
-    records = lines(out)
-    assert len({r["index"] for r in records}) == len(records)  # one line per index
-    assert sum(r["status"] == "ok" for r in records) == 8
-    assert all("duplicate of image #" in str(r["error"]) for r in records if r["status"] != "ok")
+    recorded = records(out)
+    assert len({r["index"] for r in recorded}) == len(recorded)  # one line per index
+    assert sum(r["status"] == "ok" for r in recorded) == 8
+    assert all("duplicate of image #" in str(r["error"]) for r in recorded if r["status"] != "ok")
     assert len(list((out / "thumbnails").iterdir())) == 8
 
 
@@ -171,7 +100,7 @@ def test_unique_gives_up_with_a_clear_message(small_pool: str, tmp_path: Path) -
     assert result.exit_code == 1
     assert "gave up: 12 distinct images of 15 wanted" in result.stderr
     assert len([p for p in out.iterdir() if p.suffix == ".jpg"]) == 12
-    assert len(lines(out)) <= 15 + 2 * 15 + 20  # bounded extra attempts
+    assert len(records(out)) <= 15 + 2 * 15 + 20  # bounded extra attempts
 
 
 def test_unique_with_index_template_uses_new_indices(small_pool: str, tmp_path: Path) -> None:
@@ -181,15 +110,10 @@ def test_unique_with_index_template_uses_new_indices(small_pool: str, tmp_path: 
     assert run(settings).unique == 10
 
 
-def server_counts(base: str) -> Counter[str]:
-    with urllib.request.urlopen(base + "/__stats", timeout=10) as resp:
-        return Counter(json.loads(resp.read()))
-
-
 def ok_digests(out: Path) -> list[str]:
     """The sha256 of every ok record, after checking its file has that content."""
     digests = []
-    for record in lines(out):
+    for record in records(out):
         if record["status"] == "ok":
             data = (out / str(record["path"])).read_bytes()
             assert hashlib.sha256(data).hexdigest() == record["sha256"]
@@ -203,12 +127,12 @@ def test_unique_resume_fetches_only_the_missing_images(tmp_path: Path) -> None:
         args = ["-n", "8", "--unique", "--url", server.base_url + "/320/240?lock={i}"]
         args += ["--out", str(out), "-q"]
         assert CliRunner().invoke(main, args).exit_code == 0
-        by_index = {int(str(r["index"])): r for r in lines(out)}
+        by_index = {int(str(r["index"])): r for r in records(out)}
         for index in (2, 5):
             (out / str(by_index[index]["path"])).unlink()
-        before = server_counts(server.base_url)
+        before = server_stats(server.base_url)
         result = CliRunner().invoke(main, [*args, "--resume"])
-        fetched = server_counts(server.base_url) - before
+        fetched = server_stats(server.base_url) - before
 
     assert result.exit_code == 0, result.output + result.stderr
     assert "6 kept" in result.stdout
@@ -216,7 +140,7 @@ def test_unique_resume_fetches_only_the_missing_images(tmp_path: Path) -> None:
     assert entries == {"/320/240?lock=2": 1, "/320/240?lock=5": 1}
     digests = ok_digests(out)
     assert len(digests) == len(set(digests)) == 8
-    assert sorted(int(str(r["index"])) for r in lines(out)) == list(range(8))
+    assert sorted(int(str(r["index"])) for r in records(out)) == list(range(8))
 
 
 def test_unique_resume_counts_the_distinct_images_already_kept(
@@ -225,7 +149,7 @@ def test_unique_resume_counts_the_distinct_images_already_kept(
     out = tmp_path / "out"
     args = ["-n", "10", "--unique", "--url", small_pool + "/320/240", "--out", str(out), "-q"]
     assert CliRunner().invoke(main, args).exit_code == 0
-    kept = [r for r in lines(out) if r["status"] == "ok"]
+    kept = [r for r in records(out) if r["status"] == "ok"]
     for record in kept[:3]:
         (out / str(record["path"])).unlink()
     untouched = {str(r["path"]): (out / str(r["path"])).stat().st_mtime_ns for r in kept[3:]}
@@ -239,9 +163,9 @@ def test_unique_resume_counts_the_distinct_images_already_kept(
     images = [p for p in out.iterdir() if p.suffix == ".jpg"]
     assert len(images) == 10
     assert {p: (out / p).stat().st_mtime_ns for p in untouched} == untouched
-    records = lines(out)
-    assert len({r["index"] for r in records}) == len(records)  # one line per index
-    assert all("duplicate of image #" in str(r["error"]) for r in records if r["status"] != "ok")
+    recorded = records(out)
+    assert len({r["index"] for r in recorded}) == len(recorded)  # one line per index
+    assert all("duplicate of image #" in str(r["error"]) for r in recorded if r["status"] != "ok")
 
 
 def test_unique_retry_failed_refetches_only_the_failed(tmp_path: Path) -> None:
@@ -272,11 +196,18 @@ def test_unique_retry_failed_refetches_only_the_failed(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output + result.stderr
     # /flip/0: index 0, and index 6 (its duplicate) in the first run only.
     assert hits == {0: 2, 1: 2, 2: 1, 3: 2, 4: 1, 5: 2}
-    by_index = {int(str(r["index"])): r for r in lines(out)}
+    by_index = {int(str(r["index"])): r for r in records(out)}
     assert sorted(by_index) == list(range(7))
     assert sorted(i for i, r in by_index.items() if r["status"] == "ok") == list(range(6))
     assert "duplicate of image #0" in str(by_index[6]["error"])
     assert len(set(ok_digests(out))) == 6
+
+
+def test_unique_url_list_all_distinct_exits_zero(image_server: ImageServer, tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{image_server.base}/320/240?lock={i}\n" for i in range(3)))
+    code = invoke("--urls", str(listing), "--unique", "--out", str(tmp_path / "p"), "-q").exit_code
+    assert code == 0
 
 
 # ---------------------------------------------------------------------------- names
@@ -286,7 +217,7 @@ def test_name_template(image_server: ImageServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 3)
     run(settings.replace(name_template="{index:05d}-{sha8}-{width}x{height}{ext}"))
-    for line in lines(out):
+    for line in records(out):
         sha = str(line["sha256"])
         assert line["path"] == f"{int(str(line['index'])):05d}-{sha[:8]}-320x240.jpg"
 
@@ -297,7 +228,7 @@ def test_hostile_name_template_stays_inside_out(image_server: ImageServer, tmp_p
     run(settings.replace(name_template="../../{index}/..\\{stem}"))
     files = {p for p in (tmp_path / "root").rglob("*") if p.is_file()}
     assert files and all(out in p.parents for p in files)
-    for line in lines(out):
+    for line in records(out):
         assert "/" not in str(line["path"]) and not str(line["path"]).startswith(".")
 
 
@@ -310,6 +241,17 @@ def test_bad_name_templates_are_config_errors(template: str, message: str) -> No
     assert result.exit_code == 2 and message in result.stderr
 
 
+def test_name_template_that_loses_uniqueness_still_keeps_every_image(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pic"
+    settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 3)
+    report = run(settings.replace(name_template="{index:0>200}{ext}"))
+    paths = {r.path for r in report.results}
+    assert len(paths) == 3 and all(len(str(p)) <= 100 for p in paths)
+    assert len([p for p in out.iterdir() if p.suffix == ".jpg"]) == 3
+
+
 # ---------------------------------------------------------------------------- Python API
 
 
@@ -320,6 +262,11 @@ def test_python_api(tmp_path: Path) -> None:
         assert result.ok and (tmp_path / "pic" / str(result.path)).is_file()
     again = download(count=2, local=True, out=tmp_path / "two", progress=False, backend="sync")
     assert again.ok == 2 and again.backend == "sync"
+
+
+def test_python_api_rejects_wrong_types_with_config_error() -> None:
+    with pytest.raises(ConfigError, match="count must be an integer"):
+        download(count="2", progress=False)  # type: ignore[arg-type]
 
 
 def test_public_api_is_exported() -> None:
@@ -340,6 +287,6 @@ def test_public_api_is_exported() -> None:
 def test_thumbnail_is_a_decodable_jpeg(image_server: ImageServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(make_settings("asyncio", out, image_server.base + "/640/480?lock={i}", 1))
-    thumb = (out / str(lines(out)[0]["thumbnail"])).read_bytes()
+    thumb = (out / str(records(out)[0]["thumbnail"])).read_bytes()
     with Image.open(io.BytesIO(thumb)) as img:
         assert img.format == "JPEG" and img.size == (64, 48)

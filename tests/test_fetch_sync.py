@@ -10,7 +10,13 @@ import responses
 from conftest import FakeSleep
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
-from downloader.fetch import Fetched, fetch_sync, new_session
+from downloader.fetch import (
+    Fetched,
+    check_declared_length,
+    fetch_sync,
+    new_session,
+    parse_retry_after,
+)
 from downloader.settings import HttpSettings
 
 URL = "http://images.test/photo/1.jpg"
@@ -228,3 +234,9 @@ def test_redirect_loop_is_final(rsps: responses.RequestsMock, sleep: FakeSleep) 
     assert "redirect" in str(info.value)
     assert info.value.attempts == 1
     assert sleep.calls == []
+
+
+@pytest.mark.parametrize("value", ["²", "1" * 5000, "-1", "", "12a"])
+def test_hostile_numeric_headers_are_ignored(value: str) -> None:
+    assert check_declared_length(value, 10) is None
+    assert parse_retry_after(value) is None

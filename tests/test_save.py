@@ -1,22 +1,33 @@
-"""``work.save_in``: an image's CPU stage and write in one thread hop, undone when cancelled."""
+"""``work.save_in``: an image's CPU stage and write in one thread hop, undone when cancelled;
+and the asyncio backend, Ctrl-C'd while a write is under way, leaves no unrecorded file."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import jpeg
+from conftest import DEADLINE_S, ImageServer, jpeg, make_settings
 
+from downloader import StopToken
 from downloader.fetch import Fetched
 from downloader.jobs import Job
+from downloader.lock import LOCK
+from downloader.manifest import read_manifest
+from downloader.pipeline import run
 from downloader.settings import Settings
+from downloader.storage import MANIFEST
 from downloader.thumbnails import ImageInfo, inspect_image
 from downloader.work import save_in
 
 URL = "http://images.test/photo/7.jpg"
+SLOW_WRITE_S = 0.3  # a slow disk: the cancel reaches the task while its write still runs
 
 
 def settings(out: Path) -> Settings:
@@ -57,3 +68,43 @@ async def test_cancelled_save_takes_its_files_back_out(tmp_path: Path) -> None:
             await task
     left = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert left == []  # the thread wrote both files; the cancel removed them
+
+
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
+    image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str
+) -> None:
+    """The first write sends this process SIGINT and goes on once the run's stop is set:
+    the stop always lands while a write is under way (on another thread), and each write
+    stays slow so the backend cancels its task before the write ends."""
+    import aiofiles.os
+
+    from downloader import work
+    from downloader.storage import write_files
+
+    stop = StopToken()
+    signalled = threading.Event()
+
+    def slow_write(files: list[tuple[Path, bytes]]) -> None:
+        if not signalled.is_set():
+            signalled.set()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.wait(DEADLINE_S)
+        time.sleep(SLOW_WRITE_S)
+        write_files(files)
+
+    if executor == "process":  # the write goes through aiofiles' thread
+        monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(slow_write))
+    else:  # the thumbnail thread writes too (work.save_in)
+        monkeypatch.setattr(work, "write_files", slow_write)
+    out = tmp_path / "pic"
+    settings = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 4)
+    settings = settings.replace(
+        thumbnails=dataclasses.replace(settings.thumbnails, executor=executor)
+    )
+    report = run(settings, stop=stop)
+    assert signalled.is_set()
+    assert report.interrupted
+    recorded = {r.path for r in read_manifest(out).values() if r.ok}
+    on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name not in (MANIFEST, LOCK)}
+    assert on_disk == recorded

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from conftest import invoke
 
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import BackendName
@@ -171,10 +171,6 @@ def test_config_default_toml_is_the_packaged_one() -> None:
 # ---------------------------------------------------------------------------- CLI
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), env=env)
-
-
 def listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
@@ -325,3 +321,33 @@ def test_flags_reach_their_settings(args: list[str], key: str, value: object) ->
     settings = settings_from_options(dict(context.params))
     section, _, name = key.rpartition(".")
     assert getattr(getattr(settings, section) if section else settings, name) == value
+
+
+def test_unusable_host_in_a_template_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("--url", "http://a..b/{i}.jpg", "--out", str(tmp_path / "p"))
+    code, stderr = result.exit_code, result.stderr
+    assert code == 2 and stderr.startswith("error:") and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--timeout", "inf"],
+        ["--timeout", "1e300"],
+        ["--rate", "1e-300"],
+        ["--rate", "nan"],
+    ],
+)
+def test_non_finite_numbers_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    result = invoke(*args, "-n", "1", "--out", str(tmp_path / "pic"))
+    code, stderr = result.exit_code, result.stderr
+    assert code == 2 and stderr.startswith("error:") and len(stderr.splitlines()) == 1
+
+
+def test_local_server_that_cannot_listen_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOWNLOADER_SERVER_HOST", "192.0.2.1")  # TEST-NET: not ours to bind
+    result = invoke("-n", "1", "--local", "--out", str(tmp_path / "pic"), "-q")
+    code, stderr = result.exit_code, result.stderr
+    assert code == 2 and "could not listen" in stderr and "Traceback" not in stderr
