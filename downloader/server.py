@@ -336,6 +336,9 @@ def server_process(config: ServerSettings) -> Iterator[RunningServer]:
             proc.kill()
 
 
+SHUTDOWN_GRACE_S = 0.5
+
+
 @contextlib.contextmanager
 def server_thread(app: web.Application, host: str = "127.0.0.1") -> Iterator[RunningServer]:
     """The server on a background thread with its own loop (tests): yields once listening."""
@@ -344,7 +347,9 @@ def server_thread(app: web.Application, host: str = "127.0.0.1") -> Iterator[Run
     box: dict[str, Any] = {}
 
     async def start() -> None:
-        runner = web.AppRunner(app, access_log=None)
+        # A short grace at shutdown: a handler still sleeping out a long latency or a stall
+        # is cancelled rather than waited for (the client that asked for it has gone).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         site = web.TCPSite(runner, host, 0, backlog=1024)
         await site.start()

@@ -107,10 +107,15 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    wait_for(lambda: len(records(out)) >= 40, "40 results")
+    wait_for(lambda: len(records(out)) >= 40, "40 results", proc=proc)
+    assert workers[0].poll() is None, "the worker to kill is running"
     workers[0].send_signal(signal.SIGKILL)
+    assert workers[0].wait(10) == -signal.SIGKILL
+    at_kill = len(records(out))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr.decode()
+    # The kill landed mid-run: results were recorded before it and after it.
+    assert 40 <= at_kill < count, at_kill
     lines = records(out)
     assert sorted(r["index"] for r in lines) == list(range(count))  # each exactly once
     for record in lines:

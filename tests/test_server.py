@@ -132,7 +132,7 @@ def test_slow_body_completes_late(serve: Serve) -> None:
     resp = requests.get(server.base_url + PATH, timeout=TIMEOUT)
     took = time.monotonic() - started
     assert resp.status_code == 200 and not resp.history  # answered directly, no redirect
-    assert 0.25 <= took < 3
+    assert took >= 0.25  # the body was spread over slow_ms, not sent at once
     assert resp.content == normal_image(server)
     assert server_stats(server)["fault:slow"] == 1
 
