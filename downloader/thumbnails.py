@@ -59,7 +59,9 @@ def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full
                 # Draft mode lets libjpeg decode at 1/2..1/8 scale: the whole stream is
                 # still read (so corruption is caught) at a fraction of the CPU. Asking for
                 # the real thumbnail box (128x96, not 128x128) lets 320x240 decode at 1/2.
-                img.draft("RGB", fit(width, height, size))
+                # Validating alone needs no colour: a colour JPEG decoded to grey still has
+                # every component's data read, without the colour conversion.
+                img.draft("RGB" if size > 0 else "L", fit(width, height, size))
                 img.load()
                 thumb = _thumbnail(img, size, quality) if size > 0 else None
             elif not ends_complete(fmt, data):
