@@ -195,11 +195,10 @@ def measure(
     ignored = {*ignore, *children_of(os.getpid())}
     with open(log_path, "wb") if log_path else contextlib.nullcontext() as log:
         start = time.perf_counter()
-        out = log if log is not None else None
         proc = subprocess.Popen(
             list(cmd),
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
             env=env,
             start_new_session=True,
         )
@@ -213,25 +212,18 @@ def measure(
         wall = time.perf_counter() - start
         killer.cancel()
         sampler.stop()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    maxrss = usage.ru_maxrss
-    orphans = 0
-    for orphan in _reap_orphans(ignored):
-        cpu += orphan.ru_utime + orphan.ru_stime
-        maxrss = max(maxrss, orphan.ru_maxrss)
-        orphans += 1
-    tail = log_path.read_text(errors="replace")[-2000:] if log_path else ""
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    orphans = list(_reap_orphans(ignored))
     return Measured(
         returncode=proc.returncode,
         wall_s=wall,
-        cpu_s=cpu,
-        maxrss_mb=maxrss / 1024,
+        cpu_s=sum(u.ru_utime + u.ru_stime for u in (usage, *orphans)),
+        maxrss_mb=max(u.ru_maxrss for u in (usage, *orphans)) / 1024,
         main_rss_mb=sampler.root_hwm_kb / 1024,
         tree_rss_mb=sampler.tree_peak_kb / 1024,
         procs=sampler.max_procs,
-        orphans=orphans,
-        log_tail=tail,
+        orphans=len(orphans),
+        log_tail=log_path.read_text(errors="replace")[-2000:] if log_path else "",
         root_series=sampler.root_series,
     )
 
