@@ -57,7 +57,8 @@ class Checked:
 
 @functools.cache
 def hints(cls: type[Any]) -> dict[str, Any]:
-    # Resolving the string annotations is slow (~0.1 ms), and Settings is built often.
+    # Resolving the string annotations is slow (benchmarks/README.md), and Settings is
+    # built often.
     return {k: v for k, v in typing.get_type_hints(cls).items() if k != "section"}
 
 

@@ -303,8 +303,8 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
 
 def proxies_configured() -> bool:
     """Whether the environment names a proxy. Without one, the clients need not look: with
-    ``trust_env`` requests re-reads every proxy variable on each request (measured: ~1 ms
-    per request, a fifth of a small image's CPU)."""
+    ``trust_env`` requests re-reads every proxy variable on each request, a sizeable share
+    of a small image's CPU (figure in benchmarks/README.md)."""
     return any(name.lower().endswith("_proxy") for name in os.environ)
 
 

@@ -154,8 +154,8 @@ def _same_content(path: Path, data: bytes) -> bool:
 
 
 # ``write_files`` off the event loop, through aiofiles' executor: one hop to the thread
-# pool for all of an image's files, instead of one per open/write/close/rename (measured
-# 12 hops -> 1 per image, ~0.4 ms less CPU each).
+# pool for all of an image's files, instead of one per open/write/close/rename: each hop
+# costs CPU (figure in benchmarks/README.md, "Figures behind design choices").
 write_files_async = aiofiles.os.wrap(write_files)
 
 
@@ -183,8 +183,8 @@ def check_writable(out: Path) -> None:
 def sweep_temps(out: Path) -> None:
     """Remove the temp files of writes that never finished (a killed or interrupted run).
 
-    ``os.scandir``, not ``Path.glob``: glob lists the whole folder at once (measured +5 MB
-    of peak memory over 20,000 images), scandir streams it."""
+    ``os.scandir``, not ``Path.glob``: glob lists the whole folder at once (its peak memory
+    grows with the folder, see benchmarks/README.md), scandir streams it."""
     for folder in (out, out / THUMBS):
         # Best effort: after a storage fault, OUT may be gone or read-only.
         with contextlib.suppress(OSError), os.scandir(folder) as entries:

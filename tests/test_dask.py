@@ -141,7 +141,12 @@ def test_worker_that_cannot_write_out_is_reported(tmp_path: Path) -> None:
     assert "cannot write" in str(check_out("/proc/no-such-dir/pic"))
 
 
-def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
+def test_unreachable_scheduler_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from downloader.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "CONNECT_TIMEOUT_S", 1.0)  # nothing listens: no wait
     settings = make_settings("dask", tmp_path / "pic", "http://127.0.0.1:9/{i}", 1)
     settings = settings.replace(dask=DaskSettings(scheduler=f"tcp://127.0.0.1:{free_port()}"))
     with pytest.raises(ClusterUnreachableError, match="cannot reach the Dask scheduler") as info:

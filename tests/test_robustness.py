@@ -270,7 +270,7 @@ if __name__ == "__main__":
 
 def test_ctrl_c_while_pool_workers_start(tmp_path: Path) -> None:
     """The processes backend, Ctrl-C'd while its workers are still starting up. The slow
-    start only widens a window every run has (a worker's start-up takes ~0.1-0.5 s)."""
+    start only widens a window every run has (a worker takes a moment to start)."""
     script = tmp_path / "slow_boot_download.py"
     script.write_text(SLOW_BOOT)
     out = tmp_path / "pic"

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The README's screenshot; rewritten only on request (UPDATE_SCREENSHOT=1), so that running
 # the suite leaves the checkout clean. Otherwise the screenshot goes to the test's tmp_path.
 SCREENSHOT = REPO / "docs" / "screenshot.png"
-DEADLINE_S = 60.0  # per wait; the whole test takes ~15 s on an idle machine
+DEADLINE_S = 60.0  # per wait; never reached when things work
 CHROMIUM_FLAGS = (
     "--headless=new",
     "--no-sandbox",

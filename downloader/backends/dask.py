@@ -33,6 +33,8 @@ from ..storage import check_writable
 from .base import Emit
 from .pools import chunked
 
+CONNECT_TIMEOUT_S = 10.0  # how long to keep trying a scheduler that does not answer
+
 
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
@@ -90,7 +92,7 @@ class DaskBackend:
         """A client of the given scheduler, or of a LocalCluster that is closed with it."""
         if settings.dask.scheduler:
             try:
-                client = Client(settings.dask.scheduler, timeout=10)
+                client = Client(settings.dask.scheduler, timeout=CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 raise ClusterUnreachableError(
                     f"cannot reach the Dask scheduler {settings.dask.scheduler}: {exc}"

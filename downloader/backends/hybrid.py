@@ -17,8 +17,8 @@ Why a pool of its own rather than the shard model of ``dask`` (the asyncio pipel
 once per shard of jobs on a process pool): a shard sets up an event loop, a client session
 and its connections each time, and its slowest image holds back the next shard, while
 here each worker keeps its loop and connections for the whole run and takes a new job the
-moment one finishes. Measured with ``download compare``, the shard model costs 1.6-1.7x
-the CPU per image and is slower (numbers in ``benchmarks/README.md``).
+moment one finishes. Measured with ``download compare``, the shard model costs more CPU
+per image and is slower (numbers in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from .hybrid_messages import (
 )
 from .hybrid_worker import serve
 
-# Workers fork with aiohttp already imported (~0.25 s of CPU each otherwise).
+# Workers fork with aiohttp already imported, instead of each paying for the import
+# (its CPU: benchmarks/README.md).
 _PRELOAD = (*PRELOAD, "downloader.backends.aio", "aiohttp")
 
 
