@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import queue
 import string
 import sys
+import threading
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .stop import StopToken
 
 PLACEHOLDERS = ("i", "width", "height", "keywords")
 
@@ -59,6 +64,49 @@ class JobStream:
 def may_block(jobs: Iterable[Job]) -> bool:
     """Whether taking the next of ``jobs`` may wait on a slow producer."""
     return isinstance(jobs, JobStream) and jobs.blocking
+
+
+def stream(jobs: Iterable[Job], blocking: bool, stop: StopToken) -> JobStream:
+    """``jobs`` for a backend. A blocking one is read ahead on a thread of its own, so
+    that a backend waiting for a slow producer (a pipe) still stops when ``stop`` is set."""
+    return JobStream(_read_ahead(jobs, stop) if blocking else jobs, blocking)
+
+
+_POLL_S = 0.1  # how late a stop may be noticed while the producer is silent
+
+
+def _read_ahead(jobs: Iterable[Job], stop: StopToken, size: int = 256) -> Iterator[Job]:
+    ahead: queue.Queue[Job | None] = queue.Queue(size)  # None: the end
+    failure: list[BaseException] = []
+
+    def put(item: Job | None) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ahead.put(item, timeout=_POLL_S)
+                return True
+        return False
+
+    def pump() -> None:
+        try:
+            for job in jobs:
+                if not put(job):
+                    return
+        except BaseException as exc:  # a broken stream: the run reports it, not this thread
+            failure.append(exc)
+        put(None)
+
+    # A daemon: a read blocked on a pipe must not hold up the exit.
+    threading.Thread(target=pump, daemon=True, name="job-reader").start()
+    while not stop.is_set():
+        try:
+            item = ahead.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+        if item is None:
+            break
+        yield item
+    if failure:
+        raise failure[0]
 
 
 class JobSource(Protocol):

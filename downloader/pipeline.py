@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import resume, unique
 from .backends import Backend, get_backend
-from .jobs import JobSource, JobStream, Template, UrlList
+from .jobs import JobSource, Template, UrlList, stream
 from .lock import OutputLock
 from .manifest import ManifestWriter, read_manifest, still_valid
 from .record import Observer, Recorder
@@ -103,7 +103,7 @@ def _run_locked(
                 report.unique, report.note = outcome.distinct, outcome.note
             else:
                 record.start(plan.to_run(settings), len(plan.kept))
-                jobs = JobStream(plan.jobs(source), source.blocking)
+                jobs = stream(plan.jobs(source), source.blocking, stop)
                 backend.run(jobs, settings, record, stop)
             usage.finish(report)
     report.interrupted = stop.is_set()

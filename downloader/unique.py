@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backends import Backend
-from .jobs import Job, JobSource, JobStream, UrlList
+from .jobs import Job, JobSource, JobStream, UrlList, stream
 from .record import Recorder
 from .result import DUPLICATE, Result
 from .resume import Plan
@@ -59,11 +59,11 @@ class Distinct:
         )
 
 
-def first_round(settings: Settings, source: JobSource, plan: Plan) -> JobStream:
+def first_round(settings: Settings, source: JobSource, plan: Plan, stop: StopToken) -> JobStream:
     """A fresh run's -n jobs; a resumed run's jobs not kept and not known duplicates (a
     URL that gave a duplicate gives it again), as many as images are missing."""
     if not (settings.resume or settings.retry_failed):
-        return JobStream(source.jobs(), source.blocking)
+        return stream(source.jobs(), source.blocking, stop)
     jobs = (
         job
         for job in source.jobs()
@@ -72,7 +72,7 @@ def first_round(settings: Settings, source: JobSource, plan: Plan) -> JobStream:
         and (plan.rerun is None or job.index in plan.rerun or job.index not in plan.stale)
     )
     if isinstance(source, UrlList):
-        return JobStream(jobs, source.blocking)  # no count to reach: each tried once
+        return stream(jobs, source.blocking, stop)  # no count to reach: each tried once
     return JobStream(itertools.islice(jobs, max(0, settings.count - len(plan.kept))))
 
 
@@ -99,7 +99,7 @@ def run_rounds(
     record.start(issued, len(plan.kept))
     budget = 2 * wanted + 20
     next_index = max([settings.count - 1, *plan.kept, *plan.stale]) + 1
-    jobs: Iterable[Job] = first_round(settings, source, plan)
+    jobs: Iterable[Job] = first_round(settings, source, plan, stop)
     extras = 0
     while True:
         backend.run(jobs, settings, keep_unique, stop)

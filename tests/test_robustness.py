@@ -450,6 +450,38 @@ def test_a_stop_cuts_slow_requests_short(backend: str, tmp_path: Path) -> None:
     assert [p for p in visible_files(out) if p.name != MANIFEST] == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stop_ends_a_wait_on_a_silent_stdin(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--urls - fed by a producer that wrote one URL and then says nothing, forever: a
+    stop still ends the run (the jobs are read ahead on a thread)."""
+    with server_thread(make_app(ServerSettings(seed=2))) as server:
+        read_end, write_end = os.pipe()
+        os.write(write_end, f"{server.base_url}/320/240?lock=0\n".encode())
+        with os.fdopen(read_end) as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            out = tmp_path / "pic"
+            settings = make_settings(backend, out, "http://unused/{i}", 1).replace(urls="-")
+            stop = StopToken()
+            thread, box = run_in_thread(settings, stop)
+            if backend in ("threads", "processes"):
+                # Their pool hands a result over only once the next job came (or none).
+                wait_for(lambda: server_stats(server)["image"] >= 1, "the first image served")
+            else:  # recorded: the run has gone back to waiting for the producer
+                wait_for(lambda: len(complete_lines(out)) >= 1, "the first manifest line")
+            stop.set()
+            thread.join(DEADLINE_S)
+            alive = thread.is_alive()
+            os.close(write_end)  # the end of the stream, to let a stuck run go
+    assert not alive, "the run waited for the silent producer"
+    assert box["report"].interrupted, box.get("error")
+    lines = by_index(records(out))
+    assert set(lines) <= {0}
+    on_disk = {p.name for p in visible_files(out) if p.parent == out and p.name != MANIFEST}
+    assert on_disk == {line["path"] for line in lines.values() if line["status"] == "ok"}
+
+
 # ---------------------------------------------------------------------------- 4. retry/resume
 
 
