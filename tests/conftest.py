@@ -422,6 +422,13 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def tree_after_lines(out: Path, lines: int, proc: subprocess.Popen[str]) -> set[int]:
+    """Wait until OUT's manifest has ``lines`` complete lines (the run is under way), then
+    return the run's process tree as it is at that moment."""
+    wait_for(lambda: len(complete_lines(out)) >= lines, f"{lines} manifest lines", proc=proc)
+    return descendants(proc.pid)
+
+
 def alive(pid: int) -> bool:
     info = _proc_stat(pid)
     return info is not None and info[1] != "Z"  # a zombie has exited; init may not reap it

@@ -13,12 +13,11 @@ from conftest import (
     ImageServer,
     alive,
     cli_args,
-    complete_lines,
-    descendants,
     launched,
     make_settings,
     records,
     server_stats,
+    tree_after_lines,
     wait_for,
 )
 
@@ -177,8 +176,7 @@ def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
     with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
         args = cli_args("hybrid", server.base_url, out, 400, 8)
         with launched(args, tmp_path) as proc:
-            wait_for(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc=proc)
-            tree = descendants(proc.pid)
+            tree = tree_after_lines(out, 10, proc)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             wait_for(lambda: not any(alive(pid) for pid in tree), "the workers to exit")

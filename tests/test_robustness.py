@@ -42,7 +42,6 @@ from conftest import (
     by_index,
     cli_args,
     complete_lines,
-    descendants,
     entry_key,
     grandchildren,
     jpeg,
@@ -52,6 +51,7 @@ from conftest import (
     records,
     run_cli,
     server_stats,
+    tree_after_lines,
     wait_for,
 )
 from PIL import Image
@@ -168,8 +168,7 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
     with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
         args = cli_args(backend, server.base_url, out, count)
         with launched(args, tmp_path) as proc:
-            wait_for(lambda: len(complete_lines(out)) >= 20, "20 manifest lines", proc=proc)
-            tree = descendants(proc.pid)
+            tree = tree_after_lines(out, 20, proc)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
@@ -227,8 +226,7 @@ def test_signal_stops_the_run_cleanly(backend: str, signum: int, tmp_path: Path)
     with server_thread(make_app(ServerSettings(seed=6, latency_ms=30))) as server:
         args = cli_args(backend, server.base_url, out, count)
         with launched(args, tmp_path) as proc:
-            wait_for(lambda: len(complete_lines(out)) >= 10, "10 manifest lines", proc=proc)
-            tree = descendants(proc.pid)
+            tree = tree_after_lines(out, 10, proc)
             # To the main process only: a terminal's Ctrl-C signals the whole group, which
             # can kill a pool worker (processes, or the thumbnail pool) that is still
             # starting, see test_ctrl_c_while_pool_workers_start.

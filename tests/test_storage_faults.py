@@ -92,6 +92,26 @@ class Gate:
         return app
 
 
+def gate_args(base_url: str, out: Path, count: int) -> list[str]:
+    """A run of ``count`` images from the Gate, with no retries: a 503 fails at once."""
+    url = base_url + "/gate/{i}"
+    return ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
+
+
+@contextmanager
+def failed_first_run(
+    tmp_path: Path, count: int, failing: frozenset[int], *extra: str
+) -> Iterator[tuple[Gate, Path, list[str]]]:
+    """A Gate that fails ``failing`` and a first run of ``count`` images into tmp_path/pic
+    (exit 1: those images failed); yields the Gate, OUT and the run's arguments."""
+    state = Gate(after=count, fail=failing)
+    out = tmp_path / "pic"
+    with server_thread(state.app()) as server:
+        args = [*gate_args(server.base_url, out, count), *extra]
+        assert run_cli(args, tmp_path, ENV).returncode == 1
+        yield state, out, args
+
+
 @pytest.fixture
 def gate() -> Iterator[tuple[Gate, str]]:
     state = Gate(after=4)
@@ -282,12 +302,7 @@ def test_a_manifest_that_cannot_be_swapped_in_is_a_fault(tmp_path: Path) -> None
 def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
     count = 60
     failing = frozenset(range(1, count, 3))  # 20 images that fail on every attempt
-    state = Gate(after=count, fail=failing)
-    out = tmp_path / "pic"
-    with server_thread(state.app()) as server:
-        url = server.base_url + "/gate/{i}"
-        args = ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
-        assert run_cli(args, tmp_path, ENV).returncode == 1
+    with failed_first_run(tmp_path, count, failing) as (state, out, args):
         before = manifest(out)
         assert {i for i, line in before.items() if line["status"] != "ok"} == failing
 
@@ -479,13 +494,7 @@ def test_out_made_read_only_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: P
 def test_a_retry_failed_stopped_by_a_disk_fault_keeps_every_line(tmp_path: Path) -> None:
     count = 30
     failing = frozenset(range(0, count, 3))  # 10 images fail on the first run
-    state = Gate(after=count, fail=failing)
-    out = tmp_path / "pic"
-    with server_thread(state.app()) as server:
-        url = server.base_url + "/gate/{i}"
-        args = ["-n", str(count), "--url", url, "--out", str(out), "--retries", "0", "-q"]
-        args += ["--concurrency", "1"]
-        assert run_cli(args, tmp_path, ENV).returncode == 1
+    with failed_first_run(tmp_path, count, failing, "--concurrency", "1") as (state, out, args):
         state.fail = frozenset()  # they would all succeed now, but the disk breaks
         env = {
             **ENV,
