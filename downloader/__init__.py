@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import load_settings
 from .errors import (
     ClusterUnreachableError,
     ConfigError,
@@ -16,7 +17,7 @@ from .errors import (
     StorageFaultError,
 )
 from .result import Report, Result
-from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings, load_settings
+from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings
 from .stop import StopToken
 
 __all__ = [

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .config import load_settings
 from .errors import (
     ClusterUnreachableError,
     ConfigError,
@@ -21,7 +22,7 @@ from .errors import (
     StorageError,
     StorageFaultError,
 )
-from .settings import Declared, Settings, declared, load_settings
+from .settings import Declared, Settings, declared
 
 if TYPE_CHECKING:
     from .result import Report

@@ -26,8 +26,9 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
+from .config import build, coerce, flatten, load_settings
 from .errors import ConfigError
-from .settings import BACKENDS, Settings, build, coerce, flatten, load_settings
+from .settings import BACKENDS, Settings
 
 
 @dataclass(frozen=True)

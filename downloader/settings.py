@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import tomllib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from .backends import BACKENDS as BACKENDS
 from .backends import BackendName
-from .declare import Checked, Setting, check, hints, kind_name, meta_of, setting
+from .declare import Checked, Setting, check, hints, meta_of, setting
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
@@ -359,7 +356,7 @@ class Settings(Checked):
 
 # ---------------------------------------------------------------------------- declarations
 
-_SECTIONS: dict[str, Any] = {
+SECTIONS: dict[str, Any] = {
     "http": HttpSettings,
     "thumbnails": ThumbnailSettings,
     "server": ServerSettings,
@@ -389,7 +386,7 @@ class Declared:
 def declared() -> Iterator[Declared]:
     """Every setting, top-level keys first, then each section's."""
     yield from _declared(Settings, "")
-    for section, cls in _SECTIONS.items():
+    for section, cls in SECTIONS.items():
         yield from _declared(cls, f"{section}.")
 
 
@@ -404,130 +401,3 @@ def _declared(cls: Any, prefix: str) -> Iterator[Declared]:
 def known_keys() -> dict[str, Any]:
     """Every dotted key and the type its value must have."""
     return {d.key: d.kind for d in declared()}
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def default_config_text() -> str:
-    return resources.files("downloader").joinpath("default.toml").read_text("utf-8")
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file is a directory: {path}") from None
-    except PermissionError:
-        raise ConfigError(f"config file not readable: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
-
-
-def flatten(table: Mapping[str, Any], origin: str) -> dict[str, Any]:
-    """``{"http": {"timeout": 3}}`` -> ``{"http.timeout": 3}``, rejecting unknown keys."""
-    keys = known_keys()
-    flat: dict[str, Any] = {}
-    for name, value in table.items():
-        if name in _SECTIONS and isinstance(value, Mapping):
-            for sub, subvalue in value.items():
-                flat[f"{name}.{sub}"] = subvalue
-        else:
-            flat[name] = value
-    for key in flat:
-        if key not in keys:
-            raise ConfigError(f"unknown config key {key!r} in {origin}")
-    return flat
-
-
-def from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """``DOWNLOADER_HTTP_TIMEOUT=3`` -> ``{"http.timeout": "3"}``; unknown names are errors."""
-    by_env = {d.env: d.key for d in declared()}
-    out: dict[str, str] = {}
-    for name, value in environ.items():
-        if not name.startswith("DOWNLOADER_"):
-            continue
-        if name not in by_env:
-            raise ConfigError(f"unknown environment variable {name}")
-        out[by_env[name]] = value
-    return out
-
-
-def coerce(key: str, value: Any, origin: str) -> Any:
-    kind = known_keys()[key]
-    if typing.get_origin(kind) is Literal:
-        kind = str  # the choices are checked when the Settings are built
-    where = f"{key} (from {origin})"
-    if isinstance(value, str) and kind is not str:
-        return _parse_text(kind, value, where)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    elif kind is Path and isinstance(value, (str, os.PathLike)):
-        return Path(value)
-    raise ConfigError(f"{where} must be {kind_name(kind)}, got {value!r}")
-
-
-def _parse_text(kind: type[Any], text: str, where: str) -> Any:
-    text = text.strip()
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind is Path:
-            return Path(text)
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"{where} must be {kind_name(kind)}, got {text!r}") from None
-
-
-def build(values: Mapping[str, Any]) -> Settings:
-    """Dotted, already-coerced values -> ``Settings`` (validation runs in ``__post_init__``)."""
-    top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    for key, value in values.items():
-        section, _, name = key.rpartition(".")
-        if section:
-            sections[section][name] = value
-        else:
-            top[key] = value
-    return Settings(**top, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
-
-
-def load_settings(
-    config_file: Path | None = None,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Settings:
-    """Shipped defaults <- ``config_file`` <- ``DOWNLOADER_*`` env <- ``overrides`` (flags)."""
-    layers: list[tuple[str, Mapping[str, Any]]] = [
-        ("default.toml", flatten(tomllib.loads(default_config_text()), "default.toml")),
-    ]
-    if config_file is not None:
-        layers.append((str(config_file), flatten(read_toml(config_file), str(config_file))))
-    layers.append(("environment", from_env(os.environ if environ is None else environ)))
-    layers.append(("command line", dict(overrides or {})))
-    values: dict[str, Any] = {}
-    for origin, layer in layers:
-        for key, value in layer.items():
-            if value is not None:
-                values[key] = coerce(key, value, origin)
-    return build(values)

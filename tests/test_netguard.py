@@ -20,6 +20,7 @@ from conftest import CONTRACT_BACKENDS, make_settings, server_stats
 
 from downloader import netguard
 from downloader.backends.aio import new_client
+from downloader.config import load_settings
 from downloader.deadline import DeadlineAdapter
 from downloader.errors import FetchError, RetryableFetchError
 from downloader.fetch import Fetched, fetch_async, fetch_sync, new_session
@@ -28,7 +29,7 @@ from downloader.netguard.aio import GuardedConnector, GuardedResolver
 from downloader.netguard.sync import GuardedAdapter
 from downloader.pipeline import run
 from downloader.server import make_app, render_photo, server_thread
-from downloader.settings import HttpSettings, ServerSettings, Settings, load_settings
+from downloader.settings import HttpSettings, ServerSettings, Settings
 
 HTTP = HttpSettings(retries=2, backoff=0.01, max_backoff=0.05, timeout=10)
 SHELLS = ["aiohttp", "requests"]

@@ -17,6 +17,7 @@ import requests
 from conftest import server_stats, wait_for
 from PIL import Image
 
+from downloader.config import load_settings
 from downloader.errors import ConfigError
 from downloader.server import (
     JPEG_MAGIC,
@@ -25,7 +26,7 @@ from downloader.server import (
     make_app,
     server_thread,
 )
-from downloader.settings import FAULTS, ServerSettings, load_settings
+from downloader.settings import FAULTS, ServerSettings
 
 PATH = "/64/48?lock=3"
 Serve = Callable[..., RunningServer]

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from downloader.config import load_settings
 from downloader.service.app import SETTINGS, STORE, make_app
-from downloader.settings import load_settings
 
 TOKEN = "s3cret-token"
 SMALL = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 4}}

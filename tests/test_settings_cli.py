@@ -13,6 +13,7 @@ from conftest import invoke
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import BackendName
 from downloader.cli import main
+from downloader.config import default_config_text, flatten, load_settings
 from downloader.errors import ConfigError
 from downloader.settings import (
     BACKENDS,
@@ -21,10 +22,7 @@ from downloader.settings import (
     ServerSettings,
     Settings,
     declared,
-    default_config_text,
-    flatten,
     known_keys,
-    load_settings,
 )
 
 

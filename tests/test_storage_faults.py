@@ -521,8 +521,8 @@ async def test_a_service_job_stopped_by_a_disk_fault_fails_with_the_line_and_ret
 ) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
+    from downloader.config import load_settings
     from downloader.service.app import make_app
-    from downloader.settings import load_settings
 
     data = tmp_path / "data"
     app = make_app(load_settings(environ={}, overrides={"service.data": data}))

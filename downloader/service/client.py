@@ -16,9 +16,10 @@ from typing import Any
 import click
 import requests
 
+from ..config import read_toml
 from ..errors import ConfigError
 from ..result import Result
-from ..settings import BACKENDS, Settings, read_toml
+from ..settings import BACKENDS, Settings
 
 EXIT_BY_STATE = {"failed": 2, "cancelled": 130}
 NOT_FOR_JOBS = {"out": "--out", "resume": "--resume", "retry_failed": "--retry-failed"}

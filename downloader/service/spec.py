@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import build, coerce, flatten
 from ..errors import ConfigError
-from ..settings import Settings, build, coerce, flatten, known_keys
+from ..settings import Settings, known_keys
 
 # Keys a client may not set: where files go, how a run restarts, and the service's own.
 SERVICE_KEYS = frozenset(
