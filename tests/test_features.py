@@ -188,7 +188,9 @@ def test_unique_retry_failed_refetches_only_the_failed(tmp_path: Path) -> None:
         listing = tmp_path / "urls.txt"
         urls = [f"{server.base_url}/flip/{i}" for i in (*range(6), 0)]
         listing.write_text("\n".join(urls) + "\n")
-        args = ["--urls", str(listing), "--unique", "--retries", "0", "--out", str(out), "-q"]
+        # One at a time: which of two equal images counts as the first must not be a race.
+        args = ["--urls", str(listing), "--unique", "--retries", "0", "--concurrency", "1"]
+        args += ["--out", str(out), "-q"]
         assert CliRunner().invoke(main, args).exit_code == 1
         healed = True
         result = CliRunner().invoke(main, [*args, "--retry-failed"])
