@@ -350,13 +350,18 @@ def assert_stopped_by_fault(
 
 
 def in_flight_bound(backend: str, concurrency: int, shard_size: int = 4) -> int:
-    """Requests a backend may start once a write has failed: two per connection (the one
-    running, and the one a worker takes while the fault is on its way to the recorder).
-    Dask cannot take back a shard once submitted (2 per worker thread, plus the one sent
-    as an earlier shard completes): each shard stops at its first fault, but may have
-    started all its jobs by then."""
+    """Images a backend may fetch and not record once a write has failed: two per
+    connection (the one running, and the one a worker takes while the fault is on its way
+    to the recorder). The pool backends hold twice that: processes keeps 2 chunks of 2
+    jobs per worker queued, and hybrid's workers hold 2 jobs per connection on credit
+    while results already sent wait to be recorded (after the fault they are not: their
+    files are removed). Dask cannot take back a shard once submitted (2 per worker thread,
+    plus the one sent as an earlier shard completes): each shard stops at its first fault,
+    but may have started all its jobs by then."""
     if backend == "dask":
         return (2 * DASK_WORKERS + 1) * shard_size
+    if backend in ("processes", "hybrid"):
+        return 4 * concurrency
     return 2 * concurrency
 
 
