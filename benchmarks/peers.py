@@ -13,6 +13,7 @@ files are counted and must be non-empty JPEGs (a tool that saved nothing shows 0
 Variants:
   <backend>      download --backend B ... (thumbnails 128 px, the default)
   <backend>-dl   the same with --thumbnail-size 0 (download + validate only)
+  <backend>-dl-header  the same with --verify header (no pixel decode)
   img2dataset    --image_size 128 --resize_mode keep_ratio --output_format files
   curl           curl --parallel --parallel-max C -sL -K config   (download only)
   aria2c         aria2c -j C -i list -d DIR                        (download only)
@@ -111,7 +112,7 @@ class Row:
 # ---------------------------------------------------------------------------- our backends
 
 
-def ours(download: str, backend: str, thumbnails: bool) -> Variant:
+def ours(download: str, backend: str, thumbnails: bool, verify: str = "full") -> Variant:
     def command(w: Workload, out: Path) -> list[str]:
         cmd = [download, "--backend", backend, "-n", str(w.count)]
         cmd += ["--url", f"{w.base_url}/{{width}}/{{height}}?lock={{i}}"]
@@ -119,6 +120,8 @@ def ours(download: str, backend: str, thumbnails: bool) -> Variant:
         cmd += ["--out", str(out), "-q"]
         if not thumbnails:
             cmd += ["--thumbnail-size", "0"]
+        if verify != "full":
+            cmd += ["--verify", verify]
         return cmd
 
     def count_ok(w: Workload, out: Path) -> int:
@@ -131,6 +134,8 @@ def ours(download: str, backend: str, thumbnails: bool) -> Variant:
         return ok
 
     name = backend if thumbnails else f"{backend}-dl"
+    if verify != "full":
+        name += f"-{verify}"
     return Variant(name, backend, THUMB if thumbnails else DL, command, count_ok)
 
 
@@ -239,7 +244,11 @@ def build_variants(args: argparse.Namespace) -> tuple[list[Variant], list[str]]:
     if download is None:
         raise SystemExit("peers.py: cannot find the `download` command (use --download)")
     for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
-        variants += [ours(download, backend, True), ours(download, backend, False)]
+        variants += [
+            ours(download, backend, True),
+            ours(download, backend, False),
+            ours(download, backend, False, verify="header"),
+        ]
     exe = find_tool("img2dataset", args.img2dataset)
     if exe:
         variants.append(img2dataset(exe, args.i2d_threads))
@@ -367,7 +376,18 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         f"concurrency {args.concurrency}, medians of {args.repeat} runs "
         f"({machine_info()['cpus']} CPUs, load {os.getloadavg()[0]:.2f})"
     )
-    return head + "\n" + table.render()
+    return head + "\n" + table.render() + _against_ideal(rows, args)
+
+
+def _against_ideal(rows: list[Row], args: argparse.Namespace) -> str:
+    """With latency, the ideal wall time is n x latency / concurrency: how far each run is."""
+    if args.latency_ms <= 0:
+        return ""
+    ideal = args.count * args.latency_ms / 1000 / args.concurrency
+    parts = [f"{row.variant.name} {row.med('wall_s') / ideal:.2f}x" for row in rows]
+    return f"\nwall time vs the ideal n x latency / concurrency = {ideal:.2f} s: " + ", ".join(
+        parts
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
