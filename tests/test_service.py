@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import records
 
 from downloader.config import load_settings
 from downloader.service.app import SETTINGS, STORE, make_app
@@ -262,9 +263,9 @@ async def test_a_job_whose_process_dies_fails_with_the_reason(
 
 
 def assert_every_file_has_its_line(out: Path) -> None:
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    listed = {r["path"] for r in records if r["path"]} | {
-        r["thumbnail"] for r in records if r["thumbnail"]
+    lines = records(out)
+    listed = {r["path"] for r in lines if r["path"]} | {
+        r["thumbnail"] for r in lines if r["thumbnail"]
     }
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     on_disk -= {"manifest.jsonl"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from conftest import child_env, download_command, wait_for
+from conftest import child_env, download_command, records, wait_for
 
 TOKEN = "process-test-token"
 SLOW = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 2},
@@ -148,8 +148,7 @@ def test_sigterm_stops_the_service_and_its_jobs_resume(tmp_path: Path) -> None:
         assert db.execute("SELECT state FROM jobs").fetchone()[0] == "queued"
     out = data / "jobs" / job_id
     assert not list(out.rglob("*.part"))
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    names = {r["path"] for r in records if r["path"]}
+    names = {r["path"] for r in records(out) if r["path"]}
     assert {p.name for p in out.glob("*.jpg")} == names  # every file has its line
 
 

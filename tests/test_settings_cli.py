@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 import typing
 from pathlib import Path
@@ -27,11 +26,8 @@ from downloader.settings import (
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scrubbed_env: None) -> Path:
     """No DOWNLOADER_* from the developer's shell, and a scratch working folder."""
-    for name in list(os.environ):
-        if name.startswith("DOWNLOADER_"):
-            monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import suppress
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import child_env, download_command
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
@@ -77,13 +77,10 @@ class JobService:
     messages."""
 
     def __init__(self, data: Path) -> None:
-        script = Path(sys.executable).parent / "download"
-        command = [str(script)] if script.exists() else [sys.executable, str(REPO / "cli.py")]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
         self.proc = subprocess.Popen(
-            [*command, "service", "--port", "0", "--data", str(data), "--token", TOKEN],
+            [*download_command(), "service", "--port", "0", "--data", str(data), "--token", TOKEN],
             cwd=data.parent,
-            env=env,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
