@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import StorageFaultError
@@ -18,6 +19,7 @@ class Observer(Protocol):
     def result(self, result: Result) -> None: ...
 
 
+@dataclass
 class Recorder:
     """The pipeline's ``emit``: each Result a backend hands over, in the calling thread.
 
@@ -30,19 +32,11 @@ class Recorder:
     fetches them again.
     """
 
-    def __init__(
-        self,
-        manifest: ManifestWriter,
-        report: Report,
-        observer: Observer | None = None,
-        keep_results: bool = True,
-        stop: StopToken | None = None,
-    ) -> None:
-        self.manifest = manifest
-        self.report = report
-        self.observer = observer
-        self.keep_results = keep_results
-        self.stop = stop
+    manifest: ManifestWriter
+    report: Report
+    observer: Observer | None = None
+    keep_results: bool = True
+    stop: StopToken | None = None
 
     def start(self, to_run: int | None, kept: int) -> None:
         """Tell the observer how many jobs the run (or its next round) will fetch."""
