@@ -147,7 +147,32 @@ BAD_INPUT = [
     ("bad template", b'{"url": "ftp://x/{i}"}', 400, "http"),
     ("NaN", b'{"http": {"rate": NaN}}', 400, "malformed JSON body"),
     ("a 2 MiB body", b'{"urls": ["' + b"a" * (2 * 2**20) + b'"]}', 413, "1 MiB"),
+    ("nested too deeply", b"[" * 200_000 + b"]" * 200_000, 400, "nested too deeply"),
 ]
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ({"Content-Type": "text/plain"}, 415, "Content-Type: application/json"),
+        ({**JSON_TYPE, "Origin": "http://evil.example"}, 403, "http://evil.example"),
+        ({**JSON_TYPE, "Host": "evil.example"}, 403, "evil.example"),
+    ],
+    ids=["text/plain body", "foreign Origin", "foreign Host (DNS rebinding)"],
+)
+async def test_without_a_token_only_the_services_own_pages_get_in(
+    client: TestClient[Any, Any], headers: dict[str, str], status: int, message: str
+) -> None:
+    """A page of another site can send a text/plain POST without asking; a page served
+    from a rebound DNS name reaches the service under a Host that is not its own."""
+    body = json.dumps({**SMALL, "count": 1}).encode()
+    response = await client.post("/api/v1/jobs", data=body, headers=headers)
+    assert response.status == status
+    assert message in (await response.json())["error"]
+    assert (await (await client.get("/api/v1/jobs")).json()) == {"jobs": []}
+    same_origin = {**JSON_TYPE, "Origin": f"http://{client.host}:{client.port}"}
+    assert (await client.post("/api/v1/jobs", data=body, headers=same_origin)).status == 201
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [c[1:] for c in BAD_INPUT],
@@ -155,7 +180,7 @@ BAD_INPUT = [
 async def test_bad_input_is_one_line_and_the_service_stays_up(
     client: TestClient[Any, Any], body: bytes, status: int, message: str
 ) -> None:
-    response = await client.post("/api/v1/jobs", data=io.BytesIO(body))
+    response = await client.post("/api/v1/jobs", data=io.BytesIO(body), headers=JSON_TYPE)
     assert response.status == status
     error = (await response.json())["error"]
     assert message in error and "\n" not in error
@@ -213,7 +238,8 @@ async def test_files_are_only_what_the_manifest_lists(client: TestClient[Any, An
 async def raw_status(client: TestClient[Any, Any], path: str) -> int:
     """GET ``path`` exactly as written (a client library would normalise ``..``)."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    host = f"{client.host}:{client.port}"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     status = int((await reader.readline()).split()[1])
     writer.close()
     await writer.wait_closed()
@@ -230,8 +256,11 @@ async def test_cancel_and_retry_follow_the_state_rules(client: TestClient[Any, A
 
     await until(running, "the job to fetch")
     assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 202
+    # A second cancel (a double click) must not stop the job's process a second, hard way.
+    assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 202
     cancelled = await finished(client, slow["id"])
     assert cancelled["state"] == "cancelled" and 2 <= cancelled["ok"] < 40
+    assert cancelled["summary"] is not None  # the run stopped in order and summed up
     assert (await client.delete(f"/api/v1/jobs/{slow['id']}")).status == 409
     assert client.server.app is not None
     out = client.server.app[SETTINGS].service.data / "jobs" / slow["id"]

@@ -30,6 +30,7 @@ MAX_BODY = 1024 * 1024
 COOKIE = "downloader_token"
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 OPEN_PATHS = frozenset({"/api/v1/login", "/api/v1/health"})
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -76,12 +77,26 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a token, /api and /files need it (header or the page's cookie)."""
-    token = request.app[SETTINGS].service.token
+    """With a token, /api and /files need it (header or the page's cookie). Without one
+    (loopback only), a request must come from this machine's own pages: a ``Host`` that
+    names the service (a DNS-rebinding page's does not) and no foreign ``Origin`` (another
+    site's page could otherwise post jobs)."""
+    service = request.app[SETTINGS].service
     guarded = request.path.startswith(("/api/", "/files/")) and request.path not in OPEN_PATHS
-    if token and guarded and not _has_token(request, token):
+    if service.token and guarded and not _has_token(request, service.token):
         raise ApiError(401, "missing or wrong token")
+    if not service.token and guarded:
+        _check_same_origin(request, service.host)
     return await handler(request)
+
+
+def _check_same_origin(request: web.Request, host: str) -> None:
+    name = (request.host.rsplit(":", 1)[0] if "]" not in request.host[-1:] else request.host)
+    if name.strip("[]").lower() not in {*LOOPBACK_NAMES, host.strip("[]").lower()}:
+        raise ApiError(403, f"Host {request.host!r} is not this service's address")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise ApiError(403, f"requests from the page of {origin} are not accepted")
 
 
 def _has_token(request: web.Request, token: str) -> bool:
@@ -187,6 +202,10 @@ def _write_spec(folder: Path, job_id: str, spec: JobSpec) -> None:
 
 
 async def _read_json(request: web.Request) -> Any:
+    # Only application/json: a browser sends any other type from any site without asking
+    # (a "simple" request); this one needs a CORS preflight, which the service never grants.
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the body as Content-Type: application/json")
     raw = await request.read()
 
     def no_constants(name: str) -> Any:
@@ -196,6 +215,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(raw, parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -80,8 +80,8 @@ class Runner:
         """Stop running jobs as Ctrl-C stops a CLI run; they resume at the next start."""
         self._stopping.set()
         self._wake.set()
-        for active in self._active.values():
-            if active.proc is not None and active.proc.returncode is None:
+        for active in self._active.values():  # a job being cancelled has had its SIGTERM
+            if not active.cancel and active.proc is not None and active.proc.returncode is None:
                 active.proc.send_signal(signal.SIGTERM)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
@@ -124,9 +124,11 @@ class Runner:
         """Cancel a queued or running job; False when it has already ended."""
         active = self._active.get(row.id)
         if active is not None:
-            active.cancel = True
-            if active.proc is not None and active.proc.returncode is None:
+            # One SIGTERM only: a second one makes the job's process exit at once (as a
+            # second Ctrl-C does), which could leave a file without its manifest line.
+            if not active.cancel and active.proc is not None and active.proc.returncode is None:
                 active.proc.send_signal(signal.SIGTERM)
+            active.cancel = True
             return True
         if row.state != "queued":
             return False
