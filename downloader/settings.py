@@ -69,7 +69,9 @@ class HttpSettings(Checked):
         positive=True,
         high=86400,
     )
-    retries: int = setting(3, "Retries on timeouts, resets, 429 and 5xx.", flag="--retries", low=0)
+    retries: int = setting(
+        3, "Retries on timeouts, resets, 429 and 5xx.", flag="--retries", low=0, high=100
+    )
     backoff: float = setting(0.5, "First backoff wait in seconds (full jitter).", low=0, high=3600)
     max_backoff: float = setting(30.0, "Longest backoff wait in seconds.", low=0, high=3600)
     max_bytes: int = setting(20 * 1024 * 1024, "Largest body accepted, in bytes.", low=1)

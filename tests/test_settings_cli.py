@@ -204,6 +204,7 @@ BAD_INPUTS = [
     pytest.param(["--frobnicate"], None, "--frobnicate", id="unknown-flag"),
     pytest.param(["--size", "big"], None, "big", id="bad-size"),
     pytest.param(["--retries", "-1"], None, "retries", id="retries-negative"),
+    pytest.param(["--retries", "1000000000"], None, "between 0 and 100", id="retries-huge"),
 ]
 
 
