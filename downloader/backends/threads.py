@@ -7,9 +7,10 @@ resizes) unless ``thumbnails.executor = "process"``, which sends them to a proce
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import requests
 
@@ -47,10 +48,7 @@ class ThreadsBackend:
         with cpu_executor(thumbs) if use_pool else contextlib.nullcontext() as pool:
             cpu: CpuStage | None = None
             if pool is not None:
-                stage = cpu_stage(settings)
-
-                def cpu(data: bytes) -> ImageInfo:
-                    return pool.submit(stage, data).result()
+                cpu = functools.partial(_in_pool, pool, cpu_stage(settings))
 
             gate = HostGate(settings.http.rate)
 
@@ -66,3 +64,9 @@ class ThreadsBackend:
             finally:
                 for s in sessions:
                     s.close()
+
+
+def _in_pool(pool: Executor, stage: CpuStage, data: bytes) -> ImageInfo:
+    """Run the CPU stage in ``pool`` and wait for it (this download thread has nothing
+    else to do meanwhile)."""
+    return pool.submit(stage, data).result()
