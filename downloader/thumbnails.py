@@ -90,7 +90,10 @@ def fit(width: int, height: int, size: int) -> tuple[int, int]:
 def _thumbnail(img: Image.Image, size: int, quality: int) -> bytes:
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() else img.convert("RGB")
-    img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    # BOX is area averaging, as img2dataset's default for shrinking (OpenCV's INTER_AREA):
+    # after the draft decode the last step is small (160x120 to 128x96), and BOX takes
+    # less than half of BICUBIC's CPU for it (figure in benchmarks/README.md).
+    img.thumbnail((size, size), Image.Resampling.BOX)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality)
     return out.getvalue()
