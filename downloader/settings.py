@@ -26,7 +26,7 @@ from .declare import Checked, Setting, check, hints, meta_of, setting
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-ThumbnailExecutor = Literal["process", "thread", "inline"]
+ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
 Match = Literal["", "all", "any"]
 EventLoop = Literal["auto", "asyncio"]
 Verify = Literal["full", "header"]
@@ -104,7 +104,10 @@ class ThumbnailSettings(Checked):
         128, "Thumbnail longest side; 0 = off.", flag="--thumbnail-size", metavar="PX", low=0
     )
     executor: ThumbnailExecutor = setting(
-        "thread", "Where asyncio and threads run thumbnails: thread, process or inline."
+        "auto",
+        "Where asyncio and threads check images and make thumbnails: thread, process, inline, "
+        "or auto (inline when no pixels are decoded: --thumbnail-size 0 --verify header; "
+        "else thread).",
     )
     quality: int = setting(85, "JPEG quality of thumbnails.", low=1, high=95)
     python_cpu_ms: int = setting(
@@ -354,6 +357,17 @@ class Settings(Checked):
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def stage_executor(self) -> Literal["thread", "process", "inline"]:
+        """``thumbnails.executor`` with ``auto`` decided: inline when the CPU stage decodes
+        no pixels (a header check and a hash cost less than the hop to a thread and back:
+        figure in benchmarks/README.md), else a thread pool."""
+        thumbs = self.thumbnails
+        if thumbs.executor != "auto":
+            return thumbs.executor
+        light = thumbs.size == 0 and self.verify == "header" and not thumbs.python_cpu_ms
+        return "inline" if light else "thread"
 
 
 # ---------------------------------------------------------------------------- declarations

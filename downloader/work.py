@@ -150,6 +150,14 @@ async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:
         raise
 
 
+async def write_inline(files: list[tuple[Path, bytes]]) -> None:
+    """``write_files`` on the event loop itself. A 50 KB write to the page cache costs less
+    than the thread hop aiofiles would take (figure in benchmarks/README.md), and with no
+    await in it, a cancel can never land between the write and the Result (a file without
+    its manifest line)."""
+    write_files(files)
+
+
 def save(settings: Settings, cpu: CpuStage, job: Job, fetched: Fetched) -> tuple[ImageInfo, Saved]:
     """The CPU stage, then the files written: one call, so that a thread pool runs all of
     an image's local work in one hop (each hop costs CPU on both sides)."""

@@ -70,7 +70,7 @@ async def test_cancelled_save_takes_its_files_back_out(tmp_path: Path) -> None:
     assert left == []  # the thread wrote both files; the cancel removed them
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
+@pytest.mark.parametrize("executor", ["process", "thread", "inline"])
 def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
     image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str
 ) -> None:
@@ -95,7 +95,7 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
 
     if executor == "process":  # the write goes through aiofiles' thread
         monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(slow_write))
-    else:  # the thumbnail thread writes too (work.save_in)
+    else:  # the thumbnail thread writes too (work.save_in), or the loop (work.write_inline)
         monkeypatch.setattr(work, "write_files", slow_write)
     out = tmp_path / "pic"
     settings = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 4)
@@ -108,3 +108,37 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
     recorded = {r.path for r in read_manifest(out).values() if r.ok}
     on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name not in (MANIFEST, LOCK)}
     assert on_disk == recorded
+
+
+@pytest.mark.parametrize(
+    ("size", "verify", "where"),
+    [(0, "header", {"MainThread"}), (0, "full", {"thumbnail"}), (64, "header", {"thumbnail"})],
+)
+def test_asyncio_auto_executor_checks_on_the_loop_only_when_nothing_is_decoded(
+    image_server: ImageServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    verify: str,
+    where: set[str],
+) -> None:
+    """``thumbnails.executor = "auto"``: a header check and a hash run on the event loop
+    (cheaper than a hop to a thread and back); a decode goes to the thumbnail threads."""
+    from downloader import work
+
+    threads: list[str] = []
+
+    def recording(data: bytes, **kwargs: object) -> ImageInfo:
+        threads.append(threading.current_thread().name.split("_")[0])
+        return inspect_image(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(work, "inspect_image", recording)
+    out = tmp_path / "pic"
+    base = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 6)
+    settings = base.replace(
+        verify=verify, thumbnails=dataclasses.replace(base.thumbnails, size=size, executor="auto")
+    )
+    report = run(settings)
+    assert (report.ok, report.failed) == (6, 0)
+    assert set(threads) == where and len(threads) == 6
+    assert len(read_manifest(out)) == 6

@@ -39,10 +39,11 @@ CONNECT_TIMEOUT_S = 10.0  # how long to keep trying a scheduler that does not an
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
     processes, which may not start a process pool, so thumbnails run in a thread pool
-    (Pillow releases the GIL while it decodes and resizes)."""
+    (Pillow releases the GIL while it decodes and resizes) or inline, as ``auto`` says."""
     from .aio import run_pipeline
 
-    thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
+    executor = "thread" if settings.stage_executor == "process" else settings.stage_executor
+    thumbs = dataclasses.replace(settings.thumbnails, executor=executor)
     shard_settings = settings.replace(thumbnails=thumbs)
     results: list[Result] = []
     stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain

@@ -13,14 +13,12 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from ..children import child_init
 from ..jobs import Job
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
-from ..storage import write_files
 from .hybrid_messages import Done, Failed, Jobs, NoMoreJobs, Pause, Results, Stop, ToParent
 
 BATCH = 32  # results per message at most; fewer after FLUSH_S
@@ -87,13 +85,6 @@ class _SharedGate(HostGate):
         super().pause(host, until - time.monotonic())
 
 
-async def _write_inline(files: list[tuple[Path, bytes]]) -> None:
-    # On this worker's own core, a 50 KB write to the page cache costs less than the
-    # thread hop aiofiles would take. It has no await, so a cancel can never land between
-    # the write and the Result (a file without its manifest line).
-    write_files(files)
-
-
 class _Inbox:
     """The parent's messages, read on the loop as they arrive."""
 
@@ -142,7 +133,7 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
         # Stopped by the parent: what finished is sent below; the rest never ran.
         with contextlib.suppress(asyncio.CancelledError):
             await run_jobs(
-                inbox.jobs(), settings, outbox.emit, None, write=_write_inline, gate=gate
+                inbox.jobs(), settings, outbox.emit, None, gate=gate
             )
     finally:
         outbox.flush()  # whatever happened, the images already written are reported

@@ -17,7 +17,6 @@ from concurrent.futures import (
 from typing import TypeVar
 
 from ..children import child_init, cpu_count, mp_context
-from ..settings import ThumbnailSettings
 from ..stop import StopToken
 
 T = TypeVar("T")
@@ -25,15 +24,16 @@ R = TypeVar("R")
 
 
 @contextlib.contextmanager
-def cpu_executor(thumbnails: ThumbnailSettings) -> Iterator[Executor | None]:
-    """Where the CPU-bound thumbnail stage runs: a process pool, a thread pool, or inline
-    (None). Pillow releases the GIL while decoding and resizing, so threads parallelise
-    it too; processes also parallelise any pure-Python work around it."""
-    if thumbnails.executor == "inline":
+def cpu_executor(kind: str) -> Iterator[Executor | None]:
+    """Where the CPU-bound thumbnail stage runs (``Settings.stage_executor``): a process
+    pool, a thread pool, or inline (None). Pillow releases the GIL while decoding and
+    resizing, so threads parallelise it too; processes also parallelise any pure-Python
+    work around it."""
+    if kind == "inline":
         yield None
         return
     pool: Executor
-    if thumbnails.executor == "process":
+    if kind == "process":
         pool = ProcessPoolExecutor(
             cpu_count(), mp_context=mp_context(), initializer=child_init, initargs=(os.getpid(),)
         )

@@ -42,10 +42,9 @@ class ThreadsBackend:
                     sessions.append(current)
             return current
 
-        thumbs = settings.thumbnails
         # Threads already are a thread pool: only a process pool is worth adding.
-        use_pool = thumbs.executor == "process"
-        with cpu_executor(thumbs) if use_pool else contextlib.nullcontext() as pool:
+        use_pool = settings.stage_executor == "process"
+        with cpu_executor("process") if use_pool else contextlib.nullcontext() as pool:
             cpu: CpuStage | None = None
             if pool is not None:
                 cpu = functools.partial(_in_pool, pool, cpu_stage(settings))
