@@ -200,10 +200,6 @@ class Template:
         return {i: self.render(i) for i in indices if i >= 0}
 
 
-def expand(template: Template, count: int, start: int = 0) -> Iterator[Job]:
-    return template.extra(start, count)
-
-
 @dataclass(frozen=True)
 class UrlList:
     """URLs from a file (or ``-``, stdin), streamed: one per line (blank lines and ``#``
