@@ -556,7 +556,10 @@ async def test_a_service_job_stopped_by_a_disk_fault_fails_with_the_line_and_ret
         failed = await ended()
         out = data / "jobs" / job_id
         assert failed["state"] == "failed"
-        assert failed["error"] == fault_line(errno.ENOSPC, out).removeprefix("error: ")
+        # The CLI's line, with the way on in the service's words.
+        expected = fault_line(errno.ENOSPC, out).removeprefix("error: ")
+        assert failed["error"] == expected.replace(RESUME, "retry the job")
+        assert failed["error"].endswith("free some space, then retry the job")
         assert len(assert_consistent(out)) <= 2
 
         monkeypatch.delenv("FAULTY_DISK")  # space freed: retry continues the job

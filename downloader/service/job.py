@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..stop import StopToken
-from ..storage import MANIFEST
+from ..storage import MANIFEST, RESUME_HINT
 from .spec import JobSpec, job_settings
 
 GRACE_S = 20.0
@@ -81,7 +81,9 @@ def _run(spec_path: Path, out: Path) -> int:
     end = JobEnd(report.summary(), report.images_per_s, report.note)
     print(json.dumps(dataclasses.asdict(end)), flush=True)
     if report.fault:  # the job ends failed, with this line as its error
-        print(f"error: {report.fault}", file=sys.stderr, flush=True)
+        # The way on, in the service's words: a job is continued with retry.
+        fault = report.fault.replace(RESUME_HINT, "retry the job")
+        print(f"error: {fault}", file=sys.stderr, flush=True)
     return exit_code(settings, report)
 
 
