@@ -75,8 +75,9 @@ def test_asyncio_ctrl_c_during_a_write_leaves_no_unrecorded_file(
     image_server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str
 ) -> None:
     """The first write sends this process SIGINT and goes on once the run's stop is set:
-    the stop always lands while a write is under way (on another thread), and each write
-    stays slow so the backend cancels its task before the write ends."""
+    the stop always lands while a write is under way (on another thread, or with
+    ``inline`` on the loop itself, which no cancel can interrupt), and each write stays
+    slow so the backend cancels its task before the write ends."""
     import aiofiles.os
 
     from downloader import work
@@ -122,17 +123,25 @@ def test_asyncio_auto_executor_checks_on_the_loop_only_when_nothing_is_decoded(
     verify: str,
     where: set[str],
 ) -> None:
-    """``thumbnails.executor = "auto"``: a header check and a hash run on the event loop
-    (cheaper than a hop to a thread and back); a decode goes to the thumbnail threads."""
+    """``thumbnails.executor = "auto"``: a header check, a hash and the write run on the
+    event loop (cheaper than a hop to a thread and back); a decode goes to the thumbnail
+    threads, and the write with it."""
     from downloader import work
+    from downloader.storage import write_files
 
     threads: list[str] = []
+    writers: list[str] = []
 
     def recording(data: bytes, **kwargs: object) -> ImageInfo:
         threads.append(threading.current_thread().name.split("_")[0])
         return inspect_image(data, **kwargs)  # type: ignore[arg-type]
 
+    def recording_write(files: list[tuple[Path, bytes]]) -> None:
+        writers.append(threading.current_thread().name.split("_")[0])
+        write_files(files)
+
     monkeypatch.setattr(work, "inspect_image", recording)
+    monkeypatch.setattr(work, "write_files", recording_write)
     out = tmp_path / "pic"
     base = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 6)
     settings = base.replace(
@@ -141,4 +150,5 @@ def test_asyncio_auto_executor_checks_on_the_loop_only_when_nothing_is_decoded(
     report = run(settings)
     assert (report.ok, report.failed) == (6, 0)
     assert set(threads) == where and len(threads) == 6
+    assert set(writers) == where and len(writers) == 6
     assert len(read_manifest(out)) == 6

@@ -133,11 +133,12 @@ async def run_jobs(
     emit: Emit,
     pool: concurrent.futures.Executor | None,
     *,
-    write: AsyncWrite | None = None,
     gate: HostGate | None = None,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
-    jobs from a bounded queue. Thumbnails run in ``pool`` (None: on the loop itself).
+    jobs from a bounded queue. An image's CPU stage runs in ``pool``; with a thread pool
+    its write too (one hop), with a process pool the write goes through aiofiles, and
+    without a pool (None) both run on the loop itself.
     ``gate``: the politeness gate (default: one for this run, at ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
@@ -149,12 +150,9 @@ async def run_jobs(
             return stage(data)
         return await loop.run_in_executor(pool, stage, data)
 
-    # A thread pool takes an image's CPU stage and its write in one hop; without a pool,
-    # both happen on the loop.
+    write: AsyncWrite | None = write_inline if pool is None else None  # None: aiofiles
     save = None
-    if pool is None and write is None:
-        write = write_inline
-    if isinstance(pool, ThreadPoolExecutor) and write is None:
+    if isinstance(pool, ThreadPoolExecutor):
         save = functools.partial(save_in, pool, settings, stage)
 
     gate = gate or HostGate(settings.http.rate)

@@ -39,11 +39,11 @@ CONNECT_TIMEOUT_S = 10.0  # how long to keep trying a scheduler that does not an
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
     processes, which may not start a process pool, so thumbnails run in a thread pool
-    (Pillow releases the GIL while it decodes and resizes) or inline, as ``auto`` says."""
+    (Pillow releases the GIL while it decodes and resizes), and so do the writes: OUT is
+    a shared file system here, where a write on the loop would stall every download."""
     from .aio import run_pipeline
 
-    executor = "thread" if settings.stage_executor == "process" else settings.stage_executor
-    thumbs = dataclasses.replace(settings.thumbnails, executor=executor)
+    thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
     shard_settings = settings.replace(thumbnails=thumbs)
     results: list[Result] = []
     stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain

@@ -132,9 +132,7 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
     try:
         # Stopped by the parent: what finished is sent below; the rest never ran.
         with contextlib.suppress(asyncio.CancelledError):
-            await run_jobs(
-                inbox.jobs(), settings, outbox.emit, None, gate=gate
-            )
+            await run_jobs(inbox.jobs(), settings, outbox.emit, None, gate=gate)
     finally:
         outbox.flush()  # whatever happened, the images already written are reported
     results_out.send(Done())
