@@ -434,3 +434,74 @@ async def test_idle_streams_get_heartbeats(
     async with client.get("/api/v1/events") as response:
         assert response.headers["Cache-Control"] == "no-cache"
         assert await asyncio.wait_for(response.content.readline(), 30) == b": ping\n"
+
+
+def _manifest_line(index: int, status: str) -> str:
+    record: dict[str, Any] = {"index": index, "url": f"http://h/{index}", "status": status}
+    if status == "ok":
+        record["path"] = f"{index:06d}.jpg"
+    else:
+        record["error"] = "HTTP 503 from http://h/"
+    return json.dumps(record)
+
+
+async def test_an_event_id_from_a_feed_built_again_replays_every_result(tmp_path: Path) -> None:
+    """A retried job's manifest loses its superseded lines: a feed built again (a service
+    restart) numbers the results differently, so a client's old Last-Event-ID must not
+    skip by position there; within one feed it skips exactly what was seen."""
+    from downloader.service.feed import Feed
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(_manifest_line(i, "failed") + "\n" for i in range(6)))
+    first = Feed(tmp_path)
+    assert await first.poll() == 6
+    # The retry: a fresh file (another inode) with a new line for every index.
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(_manifest_line(i, "ok") + "\n" for i in range(6)))
+    fresh.replace(manifest)
+    assert await first.poll() == 6
+    seen = first.replay()[:8]  # a client saw the 6 failures and 2 of the new lines
+    assert [json.loads(e.data)["status"] for e in seen] == ["failed"] * 6 + ["ok"] * 2
+    rest = first.replay(seen[-1].id or "")
+    assert [json.loads(e.data)["index"] for e in rest] == [2, 3, 4, 5]  # same feed: the rest
+
+    again = Feed(tmp_path)  # the service restarted: the manifest holds the 6 ok lines
+    assert await again.poll() == 6
+    replayed = again.replay(seen[-1].id or "")
+    assert [json.loads(e.data)["index"] for e in replayed] == list(range(6))
+    assert all(json.loads(e.data)["status"] == "ok" for e in replayed)
+    assert again.replay("8") == again.replay()  # a bare number vouches for nothing
+
+
+async def test_a_stream_resumed_with_last_event_id_skips_what_was_seen(
+    client: TestClient[Any, Any],
+) -> None:
+    job = await submit(client, count=5)
+    await finished(client, job["id"])
+    path = f"/api/v1/jobs/{job['id']}/events"
+
+    async def stream(last: str | None) -> list[tuple[str | None, str, Any]]:
+        headers = {"Last-Event-ID": last} if last is not None else {}
+        events, event_id, kind = [], None, ""
+        async with client.get(path, headers=headers) as response:
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event_id, kind, json.loads(line[6:])))
+                    event_id = None
+        return events
+
+    everything = await stream(None)
+    results = [(i, data["index"]) for i, kind, data in everything if kind == "result"]
+    assert len(results) == 5 and all(i for i, _ in results)
+    after = await stream(results[1][0])
+    assert [data["index"] for _, kind, data in after if kind == "result"] == [
+        index for _, index in results[2:]
+    ]
+    assert after[-1][1] == "end"
+    unknown = await stream("not-an-id-of-this-feed")
+    assert sorted(d["index"] for _, kind, d in unknown if kind == "result") == list(range(5))

@@ -5,6 +5,12 @@ The job's process appends one JSON line per image to ``manifest.jsonl`` (flushed
 ``Feed`` reads what is new (starting over on a swapped file, skipping lines it already
 has), so its ``lines`` are every result so far, once each: what a late client replays
 before the live ones.
+
+A result's event id is ``EPOCH-N``: its position N in this feed's ``lines``, and the feed's
+own random EPOCH. Positions hold only within one feed: a feed built again (the service
+restarted, or an idle feed dropped) reads the manifest as it is now, where a retried job's
+superseded lines are gone, so the same N may name another line. An id of another epoch
+therefore replays every result (clients key results by index: a repeat replaces itself).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,7 @@ QUEUE_LIMIT = 10_000  # events a slow listener may lag behind before it is dropp
 class Event:
     kind: str  # "result", "progress", "job", "end"; "close" ends a stream (shutdown, overflow)
     data: str  # JSON text
-    id: int | None = None  # position of a result in its feed (for Last-Event-ID)
+    id: str | None = None  # a result's "EPOCH-N" in its feed (for Last-Event-ID)
 
 
 CLOSE = Event("close", "")
@@ -79,6 +86,7 @@ class Feed:
     def __init__(self, out: Path) -> None:
         self.path = out / MANIFEST
         self.topic = Topic()
+        self.epoch = secrets.token_hex(4)
         self.lines: list[str] = []
         self.ok = 0
         self.failed = 0
@@ -88,6 +96,16 @@ class Feed:
         self._offset = 0
         self._partial = b""
         self._lock = asyncio.Lock()
+
+    def replay(self, last_event_id: str = "") -> list[Event]:
+        """The results a client that last saw ``last_event_id`` has not seen: those after
+        it when it is one of this feed's ids, else every one."""
+        epoch, _, position = last_event_id.partition("-")
+        skip = int(position) if epoch == self.epoch and position.isdigit() else 0
+        return [self._event(i) for i in range(skip + 1, len(self.lines) + 1)]
+
+    def _event(self, position: int) -> Event:
+        return Event("result", self.lines[position - 1], f"{self.epoch}-{position}")
 
     def lists(self, path: str) -> bool:
         """Whether the manifest names ``path`` (an image or thumbnail) as it stands."""
@@ -125,7 +143,7 @@ class Feed:
             self._records[entry.index] = entry
             self.lines.append(entry.line)
             new += 1
-            self.topic.publish(Event("result", entry.line, len(self.lines)))
+            self.topic.publish(self._event(len(self.lines)))
         return new
 
     def _count(self, entry: _Entry | None, sign: int) -> None:

@@ -54,18 +54,12 @@ async def _pump(response: web.StreamResponse, queue: asyncio.Queue[Event]) -> No
             return
 
 
-def _last_event_id(request: web.Request) -> int:
-    text = request.headers.get("Last-Event-ID", "")
-    return int(text) if text.isdigit() else 0
-
-
 async def job_events(request: web.Request) -> web.StreamResponse:
     row = job_row(request)
     feed = request.app[FEEDS].get(row.id)
     response: web.StreamResponse | None = None
     with feed.topic.subscribe() as queue, contextlib.suppress(ConnectionResetError):
-        skip = _last_event_id(request)
-        backlog = [Event("result", line, i) for i, line in enumerate(feed.lines, 1) if i > skip]
+        backlog = feed.replay(request.headers.get("Last-Event-ID", "").strip())
         ended = row.final
         response = await _open(request)
         for start in range(0, len(backlog), 500):
