@@ -4,11 +4,16 @@ The kernel drops an ``flock`` when its process dies, however it dies, so ``kill 
 no stale lock to clean up. The file holds the pid of the run that has it, for the message
 a second run prints. It is never removed: removing it would let two runs lock two
 different files under one name (one opened the old file just before it went away).
+
+The lock file is held open read-only where it can be, so that it never keeps a file system
+from being remounted read-only. On NFS (dask's shared OUT) Linux carries ``flock`` out as
+a POSIX write lock, which needs a descriptor open for writing: there it is held read-write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -43,16 +48,7 @@ class OutputLock:
             raise StorageError(
                 f"cannot write to output folder {out}: {exc.strerror or exc}"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            os.close(fd)
-            raise OutputInUseError(out, pid) from None
-        except OSError as exc:
-            os.close(fd)
-            raise StorageError(f"cannot lock output folder {out}: {exc.strerror}") from None
-        self._fd = fd
+        self._fd = _locked(fd, out)
         self._write_pid(f"{os.getpid()}\n")
 
     def release(self) -> None:
@@ -80,6 +76,30 @@ class OutputLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _locked(fd: int, out: Path) -> int:
+    """``fd`` holding OUT's lock exclusively, or a read-write descriptor of the same file
+    where the file system wants one (NFS answers EBADF on a read-only one). Raises
+    ``OutputInUseError`` or ``StorageError``, with the descriptor closed."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            writable = os.open(out / LOCK, os.O_RDWR | os.O_CLOEXEC)
+            os.close(fd)
+            fd = writable
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _read_pid(fd)
+        os.close(fd)
+        raise OutputInUseError(out, pid) from None
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot lock output folder {out}: {exc.strerror}") from None
+    return fd
 
 
 def holder(out: Path) -> int | None:

@@ -201,6 +201,36 @@ def test_the_python_api_raises_a_typed_error_and_touches_nothing(
     assert run(settings).ok == 3  # released: the next run goes ahead
 
 
+def test_the_lock_holds_on_a_file_system_that_wants_a_writable_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS carries ``flock`` out as a POSIX lock: an exclusive one on a read-only
+    descriptor fails with EBADF. The lock then takes a read-write descriptor, still
+    excludes a second run, and is released at the end."""
+    import fcntl
+
+    from downloader import lock
+
+    real_flock = fcntl.flock
+
+    def nfs_flock(fd: int, operation: int) -> None:
+        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        if operation & fcntl.LOCK_EX and not writable:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(lock.fcntl, "flock", nfs_flock)
+    out = tmp_path / "pic"
+    with OutputLock(out):
+        assert holder(out) == os.getpid()
+        with pytest.raises(OutputInUseError) as caught:
+            OutputLock(out).acquire()
+        assert caught.value.pid == os.getpid()
+    assert holder(out) is None
+    with OutputLock(out):  # released: the next run gets it
+        assert holder(out) == os.getpid()
+
+
 def test_a_run_killed_with_9_does_not_block_the_next(
     gate: tuple[Gate, str], tmp_path: Path
 ) -> None:
