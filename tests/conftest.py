@@ -1,10 +1,11 @@
 """Shared fixtures and helpers: the built-in server on a loopback port with hostile test
 routes; the manifest reader; the server's counters; a scrubbed environment for child
-processes; a fake sleep; polling with a deadline. Test modules import from here, never
-from each other."""
+processes; a fake sleep; polling with a deadline; assertions on what a run left on disk.
+Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -39,7 +40,7 @@ from downloader.settings import (
     Settings,
     ThumbnailSettings,
 )
-from downloader.storage import MANIFEST
+from downloader.storage import MANIFEST, TEMP_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 60.0  # how long a poll may wait before the test gives up (never reached normally)
@@ -432,3 +433,36 @@ def tree_after_lines(out: Path, lines: int, proc: subprocess.Popen[str]) -> set[
 def alive(pid: int) -> bool:
     info = _proc_stat(pid)
     return info is not None and info[1] != "Z"  # a zombie has exited; init may not reap it
+
+
+# ---------------------------------------------------------------------------- what is on disk
+
+
+def visible_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def assert_no_temp_files(out: Path) -> None:
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+    assert leftovers == []
+
+
+def assert_visible_images_decode(out: Path) -> None:
+    """A killed run may leave hidden temp files, never a partial image under its real name."""
+    for path in visible_files(out):
+        if path.name == MANIFEST:
+            continue
+        assert not path.name.endswith(TEMP_SUFFIX), path
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            img.load()  # raises on a truncated or corrupt file
+
+
+def assert_ok_files_match(out: Path, lines: dict[int, dict[str, Any]]) -> None:
+    for index, line in lines.items():
+        if line["status"] != "ok":
+            continue
+        data = (out / line["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == line["sha256"], index
+        assert len(data) == line["bytes"], index
+        if line["thumbnail"] is not None:
+            assert (out / line["thumbnail"]).is_file(), index
