@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import ImageServer, invoke, jpeg, make_settings, records, server_stats
+from conftest import ImageServer, child_env, invoke, jpeg, make_settings, records, server_stats
 from PIL import Image
 
 import downloader
@@ -292,3 +294,40 @@ def test_thumbnail_is_a_decodable_jpeg(image_server: ImageServer, tmp_path: Path
     thumb = (out / str(records(out)[0]["thumbnail"])).read_bytes()
     with Image.open(io.BytesIO(thumb)) as img:
         assert img.format == "JPEG" and img.size == (64, 48)
+
+
+# Runs the CLI, then says on stdout whether rich was ever imported.
+_CLI_THEN_MODULES = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('rich loaded:', 'rich' in sys.modules))\n"
+    "from downloader.cli import main\n"
+    "sys.argv[0] = 'download'\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_long_failure_line_stays_one_line_in_a_log(
+    image_server: ImageServer, tmp_path: Path, quiet: bool
+) -> None:
+    """Written to a pipe (a log file, CI), each failure line is one line whatever its length,
+    so it can be grepped; and with -q, rich (a sizeable part of start-up) is not imported."""
+    long = "x" * 300
+    args = ["-n", "3", "--backend", "sync", "--url", f"{image_server.base}/no/{long}/{{i}}"]
+    args += ["--out", str(tmp_path / "pic"), *(["-q"] if quiet else [])]
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI_THEN_MODULES, *args],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    failures = [line for line in done.stderr.splitlines() if line.startswith("failed #")]
+    assert len(failures) == 3
+    for line in failures:
+        assert f"/no/{long}/" in line and line.startswith("failed #") and "HTTP 404" in line
+    assert all(line.startswith("failed #") for line in done.stderr.splitlines())
+    if quiet:
+        assert "rich loaded: False" in done.stdout
