@@ -90,9 +90,13 @@ def test_pause_and_rate_together(clock: FakeClock) -> None:
 class Throttler:
     """``/p/{i}``: the very first request gets 429 with Retry-After: 1; the others are
     answered after ``hold_s`` (so the first burst is still in flight when the 429 lands).
-    Arrival times are recorded with time.monotonic, the clock HostGate uses."""
+    Arrival times are recorded with time.monotonic, the clock HostGate uses.
 
-    def __init__(self, hold_s: float = 0.3) -> None:
+    ``hold_s`` is also the time hybrid has to relay the pause from the worker that heard
+    the 429, through the parent, to the others: it must stay under the 1 s pause, or a
+    relay that never happens could not be seen."""
+
+    def __init__(self, hold_s: float = 0.6) -> None:
         self.hold_s = hold_s
         self.arrivals: list[tuple[float, int]] = []
         self.throttled_at: float | None = None
