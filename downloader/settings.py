@@ -105,9 +105,9 @@ class ThumbnailSettings(Checked):
     )
     executor: ThumbnailExecutor = setting(
         "auto",
-        "Where asyncio and threads check images and make thumbnails (asyncio: and write "
-        "them): thread, process, inline, or auto (inline when no pixels are decoded and no "
-        "python_cpu_ms runs: --thumbnail-size 0 --verify header; else thread).",
+        "Where asyncio and threads check images and make thumbnails: thread, process, "
+        "inline, or auto (inline when no pixels are decoded and no python_cpu_ms runs: "
+        "--thumbnail-size 0 --verify header; else thread).",
     )
     quality: int = setting(85, "JPEG quality of thumbnails.", low=1, high=95)
     python_cpu_ms: int = setting(

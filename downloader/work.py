@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 CpuStage = Callable[[bytes], ImageInfo]
 AsyncCpuStage = Callable[[bytes], Awaitable[ImageInfo]]
 AsyncWrite = Callable[[list[tuple[Path, bytes]]], Awaitable[None]]
-AsyncSave = Callable[[Job, Fetched], Awaitable[tuple[ImageInfo, "Saved"]]]
 
 
 def cpu_stage(settings: Settings) -> CpuStage:
@@ -92,22 +90,18 @@ async def handle_async(
     cpu: AsyncCpuStage,
     gate: HostGate | None = None,
     write: AsyncWrite | None = None,
-    save: AsyncSave | None = None,
 ) -> Result:
-    """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage off-loop,
-    ``write`` the files (default: through aiofiles, rolled back if the task is cancelled);
-    or ``save`` does both (``save_in``)."""
+    """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage (off the
+    loop, or on it), ``write`` the files (default: through aiofiles, rolled back if the
+    task is cancelled; ``write_inline``: on the loop)."""
     start = time.perf_counter()
     fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
-        if save is not None:
-            info, saved = await save(job, fetched)
-        else:
-            info = await cpu(fetched.data)
-            saved = _plan(settings, job, fetched, info)
-            await (write or _write_or_roll_back)(saved.files)
+        info = await cpu(fetched.data)
+        saved = _plan(settings, job, fetched, info)
+        await (write or _write_or_roll_back)(saved.files)
     except FetchError as exc:
         return failure(job, exc, start)
     except OSError as exc:
@@ -152,35 +146,10 @@ async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:
 
 async def write_inline(files: list[tuple[Path, bytes]]) -> None:
     """``write_files`` on the event loop itself. A 50 KB write to the page cache costs less
-    than the thread hop aiofiles would take (figure in benchmarks/README.md), and with no
-    await in it, a cancel can never land between the write and the Result (a file without
-    its manifest line)."""
+    than a hop to a thread, and far less than the GIL contention of a thread that writes
+    while the loop runs (figures in benchmarks/README.md). With no await in it, a cancel
+    can never land between the write and the Result (a file without its manifest line)."""
     write_files(files)
-
-
-def save(settings: Settings, cpu: CpuStage, job: Job, fetched: Fetched) -> tuple[ImageInfo, Saved]:
-    """The CPU stage, then the files written: one call, so that a thread pool runs all of
-    an image's local work in one hop (each hop costs CPU on both sides)."""
-    info = cpu(fetched.data)
-    saved = _plan(settings, job, fetched, info)
-    write_files(saved.files)
-    return info, saved
-
-
-async def save_in(
-    pool: Executor, settings: Settings, cpu: CpuStage, job: Job, fetched: Fetched
-) -> tuple[ImageInfo, Saved]:
-    """``save`` on a thread of ``pool``. If the task is cancelled meanwhile (Ctrl-C), the
-    thread still finishes, so its files are taken back out, as in ``_write_or_roll_back``."""
-    done = asyncio.get_running_loop().run_in_executor(pool, save, settings, cpu, job, fetched)
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            _, saved = await done
-            for path, _ in saved.files:
-                path.unlink(missing_ok=True)
-        raise
 
 
 def _reject_bad_url(job: Job) -> None:

@@ -1,9 +1,9 @@
 """asyncio: one aiohttp ClientSession with a sized connector, a fixed pool of worker tasks
-pulling from a bounded queue (memory O(concurrency), not O(n)). An image's decode,
-thumbnail and write go to a thread pool in one hop (or the decode to a process pool via
-``run_in_executor`` and the write through aiofiles); when nothing is decoded
-(``--verify header`` without thumbnails), the check, hash and write run on the loop, which
-costs less than the hop (``Settings.stage_executor``).
+pulling from a bounded queue (memory O(concurrency), not O(n)). An image's decode and
+thumbnail go to a thread pool via ``run_in_executor`` (or a process pool); when nothing is
+decoded (``--verify header`` without thumbnails) the check and hash stay on the loop,
+which costs less than the hop (``Settings.stage_executor``). Files are written on the
+loop (through aiofiles with a process pool).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import threading
 from collections.abc import AsyncIterable, Coroutine, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -26,7 +25,7 @@ from ..politeness import HostGate
 from ..settings import Settings
 from ..stop import StopToken
 from ..thumbnails import ImageInfo
-from ..work import AsyncWrite, cpu_stage, handle_async, save_in, write_inline
+from ..work import AsyncWrite, cpu_stage, handle_async, write_inline
 from .base import Emit
 from .pools import cpu_executor
 
@@ -136,9 +135,8 @@ async def run_jobs(
     gate: HostGate | None = None,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
-    jobs from a bounded queue. An image's CPU stage runs in ``pool``; with a thread pool
-    its write too (one hop), with a process pool the write goes through aiofiles, and
-    without a pool (None) both run on the loop itself.
+    jobs from a bounded queue. An image's CPU stage runs in ``pool`` (None: on the loop
+    itself); its files are written on the loop, or through aiofiles with a process pool.
     ``gate``: the politeness gate (default: one for this run, at ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
@@ -150,17 +148,16 @@ async def run_jobs(
             return stage(data)
         return await loop.run_in_executor(pool, stage, data)
 
-    write: AsyncWrite | None = write_inline if pool is None else None  # None: aiofiles
-    save = None
-    if isinstance(pool, ThreadPoolExecutor):
-        save = functools.partial(save_in, pool, settings, stage)
+    # The write stays on the loop: a thread that wrote as well would take the GIL back
+    # after each file operation, contending with the loop (figure in benchmarks/README.md).
+    write: AsyncWrite | None = None if isinstance(pool, ProcessPoolExecutor) else write_inline
 
     gate = gate or HostGate(settings.http.rate)
     async with new_client(settings) as session:
 
         async def worker() -> None:
             while (job := await queue.get()) is not _DONE:
-                emit(await handle_async(session, job, settings, cpu, gate, write, save))
+                emit(await handle_async(session, job, settings, cpu, gate, write))
 
         async def feed() -> None:
             if isinstance(jobs, AsyncIterable):
