@@ -166,3 +166,33 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ConfigError, match=r"pip install 'downloader\[dask\]'"):
         get_backend("dask")
+
+
+def test_a_shard_writes_off_its_event_loop(tmp_path: Path, monkeypatch: Any) -> None:
+    """OUT is a shared file system under dask, where a write may block for long: a
+    worker's shard writes through aiofiles' threads, never on its event loop."""
+    import threading
+
+    from downloader import work
+    from downloader.backends.dask import run_shard
+    from downloader.jobs import Job
+    from downloader.storage import write_files
+
+    writers: list[str] = []
+
+    def recording_write(files: list[tuple[Path, bytes]]) -> None:
+        writers.append(threading.current_thread().name.split("_")[0])
+        write_files(files)
+
+    import aiofiles.os
+
+    monkeypatch.setattr(work, "write_files", recording_write)  # on the loop
+    monkeypatch.setattr(work, "write_files_async", aiofiles.os.wrap(recording_write))
+    out = tmp_path / "pic"
+    (out / "thumbnails").mkdir(parents=True)
+    with server_thread(make_app(ServerSettings())) as server:
+        settings = make_settings("dask", out, server.base_url + "/64/48?lock={i}", 4)
+        results = run_shard([Job(i, server.base_url + f"/64/48?lock={i}") for i in range(4)],
+                            settings)  # fmt: skip
+    assert [r.status for r in results] == ["ok"] * 4
+    assert len(writers) == 4 and "MainThread" not in writers

@@ -101,11 +101,18 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
 
 
 async def run_pipeline(
-    jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken
+    jobs: Iterable[Job],
+    settings: Settings,
+    emit: Emit,
+    stop: StopToken,
+    *,
+    write_off_loop: bool = False,
 ) -> None:
     """The whole asyncio pipeline in the running loop, with its thumbnail pool. Setting
     ``stop`` cancels it: every worker unwinds through its ``finally``, writes cut short are
-    rolled back, and this returns once what finished has been emitted."""
+    rolled back, and this returns once what finished has been emitted.
+    ``write_off_loop``: files go through aiofiles' threads, for a file system where a
+    write may block for long (see ``run_jobs``)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -119,7 +126,7 @@ async def run_pipeline(
     loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="writer"))
     try:
         with stop.calling(cancel), cpu_executor(settings.stage_executor) as pool:
-            await run_jobs(jobs, settings, emit, pool)
+            await run_jobs(jobs, settings, emit, pool, write_off_loop=write_off_loop)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise
@@ -133,11 +140,13 @@ async def run_jobs(
     pool: concurrent.futures.Executor | None,
     *,
     gate: HostGate | None = None,
+    write_off_loop: bool = False,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
     jobs from a bounded queue. An image's CPU stage runs in ``pool`` (None: on the loop
-    itself); its files are written on the loop, or through aiofiles with a process pool.
-    ``gate``: the politeness gate (default: one for this run, at ``http.rate``)."""
+    itself); its files are written on the loop, or through aiofiles with a process pool or
+    ``write_off_loop``. ``gate``: the politeness gate (default: one for this run, at
+    ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -150,7 +159,8 @@ async def run_jobs(
 
     # The write stays on the loop: a thread that wrote as well would take the GIL back
     # after each file operation, contending with the loop (figure in benchmarks/README.md).
-    write: AsyncWrite | None = None if isinstance(pool, ProcessPoolExecutor) else write_inline
+    off_loop = write_off_loop or isinstance(pool, ProcessPoolExecutor)
+    write: AsyncWrite | None = None if off_loop else write_inline  # None: aiofiles
 
     gate = gate or HostGate(settings.http.rate)
     async with new_client(settings) as session:

@@ -53,7 +53,7 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
         if result.fault:
             stop.set(result.fault)
 
-    asyncio.run(run_pipeline(jobs, shard_settings, emit, stop))
+    asyncio.run(run_pipeline(jobs, shard_settings, emit, stop, write_off_loop=True))
     return results
 
 
