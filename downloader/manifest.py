@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from .errors import StorageError, StorageFaultError
 from .result import Result
-from .storage import MANIFEST, THUMBS, sha256, storage_fault, temp_path
+from .storage import MANIFEST, RESUME_HINT, THUMBS, sha256, storage_fault, temp_path
 
 
 def read_manifest(out: Path) -> dict[int, Result]:
@@ -147,7 +147,7 @@ class ManifestWriter:
     def _fail(self, exc: OSError) -> NoReturn:
         self._fault = storage_fault(exc, self._out) or (
             f"cannot write the manifest {self._path}: {exc.strerror or exc}: "
-            "fix it, then run the same command with --resume"
+            f"fix it, then {RESUME_HINT}"
         )
         raise StorageFaultError(self._fault)
 
