@@ -6,8 +6,9 @@ command-line flag. Everything else is derived from that declaration: the dotted 
 (``count``, ``http.timeout``) used the same way in the TOML file (``[http] timeout = 30``)
 and in the environment (``DOWNLOADER_HTTP_TIMEOUT=30``), the validation (one-line
 ``ConfigError``s, never a silent default), and the click options with their
-``[default: ...]`` help (``cli_options``). Adding a setting is one ``setting()`` line plus
-its line in ``default.toml`` and the README.
+``[default: ...]`` help (``cli_options``) and its row in docs/configuration.md
+(``python -m downloader.configdoc``). Adding a setting is one ``setting()`` line plus its
+line in ``default.toml``, then a run of that generator.
 """
 
 from __future__ import annotations
