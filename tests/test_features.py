@@ -67,7 +67,10 @@ def test_cli_size_gray_keywords_reach_the_server(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output + result.stderr
-    for line in records(out):
+    lines = records(out)
+    assert sorted(int(str(line["index"])) for line in lines) == [0, 1]
+    for line in lines:
+        assert line["status"] == "ok"
         assert "/g/200/100/cat/any?lock=" in str(line["url"])
         with Image.open(out / str(line["path"])) as img:
             assert img.size == (200, 100) and img.mode == "L"
@@ -220,18 +223,25 @@ def test_unique_url_list_all_distinct_exits_zero(image_server: ImageServer, tmp_
 def test_name_template(image_server: ImageServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 3)
-    run(settings.replace(name_template="{index:05d}-{sha8}-{width}x{height}{ext}"))
-    for line in records(out):
+    report = run(settings.replace(name_template="{index:05d}-{sha8}-{width}x{height}{ext}"))
+    assert (report.ok, report.failed) == (3, 0)
+    lines = records(out)
+    assert sorted(int(str(line["index"])) for line in lines) == [0, 1, 2]
+    for line in lines:
         sha = str(line["sha256"])
+        assert (out / str(line["path"])).is_file()
         assert line["path"] == f"{int(str(line['index'])):05d}-{sha[:8]}-320x240.jpg"
 
 
 def test_hostile_name_template_stays_inside_out(image_server: ImageServer, tmp_path: Path) -> None:
     out = tmp_path / "root" / "out"
     settings = make_settings("sync", out, image_server.base + "/320/240?lock={i}", 2)
-    run(settings.replace(name_template="../../{index}/..\\{stem}"))
+    report = run(settings.replace(name_template="../../{index}/..\\{stem}"))
+    assert (report.ok, report.failed) == (2, 0)
     files = {p for p in (tmp_path / "root").rglob("*") if p.is_file()}
-    assert files and all(out in p.parents for p in files)
+    assert all(out in p.parents for p in files)
+    saved = {out / str(r.path) for r in report.results}
+    assert len(saved) == 2 and saved <= files
     for line in records(out):
         assert "/" not in str(line["path"]) and not str(line["path"]).startswith(".")
 
