@@ -13,6 +13,7 @@ from conftest import (
     ImageServer,
     alive,
     cli_args,
+    grandchildren,
     launched,
     make_settings,
     records,
@@ -177,6 +178,10 @@ def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
         args = cli_args("hybrid", server.base_url, out, 400, 8)
         with launched(args, tmp_path) as proc:
             tree = tree_after_lines(out, 10, proc)
+            # The workers are the forkserver's children; without them the check below holds
+            # for an empty tree.
+            workers = grandchildren(proc.pid)
+            assert len(workers) == min(cpu_count(), 8) and workers <= tree, (workers, tree)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             wait_for(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
