@@ -105,7 +105,11 @@ def test_csv_row_the_csv_module_cannot_read_is_a_failed_result(
     settings = make_settings("threads", tmp_path / "pic", "http://x/{i}", 1)
     report = run(settings.replace(urls=str(table)))
     assert report.ok >= 2 and report.ok + report.failed == len(report.results)
-    assert len(read_manifest(tmp_path / "pic")) == len(report.results)
+    # The bad row keeps its index (1) as a failure; the row after it is still read.
+    assert {r.index: r.status for r in report.results} == {0: "ok", 1: "failed", 2: "ok"}
+    manifest = read_manifest(tmp_path / "pic")
+    assert len(manifest) == len(report.results)
+    assert manifest[1].status == "failed" and manifest[1].url == ""
 
 
 def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) -> None:
