@@ -3,22 +3,29 @@ and that a stop or a Ctrl-C while it does leaves no file without its manifest li
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DEADLINE_S, ImageServer, make_settings
 
 from downloader import StopToken
+from downloader.fetch import Fetched
+from downloader.jobs import Job
 from downloader.lock import LOCK
 from downloader.manifest import read_manifest
 from downloader.pipeline import run
+from downloader.result import Result
+from downloader.settings import Settings
 from downloader.storage import MANIFEST
 from downloader.thumbnails import ImageInfo, inspect_image
+from downloader.work import AsyncCpuStage
 
 SLOW_WRITE_S = 0.3  # a slow disk: the cancel reaches the task while its write still runs
 
@@ -30,26 +37,58 @@ def test_asyncio_stopped_while_a_thread_decodes_writes_nothing_for_it(
     while a thread decodes cancels the task at its await, and the thread's work is
     dropped: no file and no line for that image, and no file without its line."""
     from downloader import work
+    from downloader.backends import aio
 
     stop = StopToken()
-    decoding = threading.Event()
+    fetched_urls: list[tuple[bytes, str]] = []  # each body, by identity, and its URL
+    decoding: list[int] = []  # the index whose decode the stop lands in
+    cancelled = threading.Event()  # that index's task has been cancelled
+    waited: list[bool] = []
+    real_fetch, real_handle = work.fetch_async, aio.handle_async
+
+    async def recording_fetch(session: Any, url: str, *args: Any, **kwargs: Any) -> Fetched:
+        fetched = await real_fetch(session, url, *args, **kwargs)
+        fetched_urls.append((fetched.data, url))
+        return fetched
+
+    async def watched(
+        session: Any, job: Job, settings: Settings, cpu: AsyncCpuStage, *args: Any
+    ) -> Result:
+        async def watched_cpu(data: bytes) -> ImageInfo:
+            try:
+                return await cpu(data)
+            except asyncio.CancelledError:  # the cancel reached the task at its decode
+                if decoding and job.index == decoding[0]:
+                    cancelled.set()
+                raise
+
+        return await real_handle(session, job, settings, watched_cpu, *args)
 
     def slow_decode(data: bytes, **kwargs: object) -> ImageInfo:
-        if not decoding.is_set():
-            decoding.set()
+        if not decoding:
+            url = next(url for body, url in fetched_urls if body is data)
+            decoding.append(int(url.rsplit("lock=", 1)[1]))
             stop.set("test")  # the stop lands while this thread decodes
-            time.sleep(SLOW_WRITE_S)
+            # Holds the decode until its task is cancelled, so its result comes too late.
+            waited.append(cancelled.wait(DEADLINE_S))
         return inspect_image(data, **kwargs)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(work, "fetch_async", recording_fetch)
+    monkeypatch.setattr(aio, "handle_async", watched)
     monkeypatch.setattr(work, "inspect_image", slow_decode)
     out = tmp_path / "pic"
     settings = make_settings("asyncio", out, image_server.base + "/320/240?lock={i}", 40)
     settings = settings.replace(
-        thumbnails=dataclasses.replace(settings.thumbnails, executor="thread")
+        name_template="{index}{ext}",  # a file's stem is its index
+        thumbnails=dataclasses.replace(settings.thumbnails, executor="thread"),
     )
     report = run(settings, stop=stop)
-    assert decoding.is_set() and report.interrupted
-    recorded = {r.path for r in read_manifest(out).values() if r.ok}
+    assert len(decoding) == 1 and report.interrupted
+    manifest = read_manifest(out)
+    stems = {p.stem for p in out.rglob("*") if p.is_file()}
+    assert decoding[0] not in manifest and str(decoding[0]) not in stems, (decoding, stems)
+    assert waited == [True]
+    recorded = {r.path for r in manifest.values() if r.ok}
     on_disk = {p.name for p in out.iterdir() if p.is_file() and p.name not in (MANIFEST, LOCK)}
     assert on_disk == recorded and len(recorded) < 40
     thumbs = {p.name for p in (out / "thumbnails").iterdir()}
