@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from conftest import invoke
 
-from downloader import busywork
+from downloader import busywork, work
 from downloader.cli import main
 from downloader.compare import (
     SCENARIOS,
@@ -30,7 +31,7 @@ from downloader.compare import (
 from downloader.scoreboard import advice, verdict, write_chart, write_json
 from downloader.server import render_photo
 from downloader.settings import Settings, ThumbnailSettings
-from downloader.thumbnails import inspect_image
+from downloader.thumbnails import ImageInfo, inspect_image
 from downloader.work import cpu_stage
 
 
@@ -146,19 +147,29 @@ def test_the_python_stage_holds_the_gil(record_property: Callable[[str, object],
 def test_the_python_stage_runs_after_the_thumbnail_and_pickles(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    burnt: list[int] = []
-    monkeypatch.setattr(busywork, "burn", lambda ms, seed=1: burnt.append(ms) or seed)
+    calls: list[str] = []
+    monkeypatch.setattr(busywork, "burn", lambda ms, seed=1: calls.append(f"burn {ms}") or seed)
     data = render_photo(64, 48, 1, seed=0)
     plain = cpu_stage(Settings())
-    staged = cpu_stage(Settings(thumbnails=ThumbnailSettings(python_cpu_ms=7)))
+    with_python = Settings(thumbnails=ThumbnailSettings(python_cpu_ms=7))
+    staged = cpu_stage(with_python)
     assert pickle.loads(pickle.dumps(staged))(data) == plain(data) == inspect_image(data, 128)
-    assert burnt == [7]  # the unpickled copy ran it; the plain stage did not
+    assert calls == ["burn 7"]  # the unpickled copy ran it; the plain stage did not
+
+    def recording(data: bytes, **kwargs: Any) -> ImageInfo:
+        calls.append("thumbnail")
+        return inspect_image(data, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(work, "inspect_image", recording)  # read when the stage is built
+    assert cpu_stage(with_python)(data) == inspect_image(data, 128)
+    assert calls == ["thumbnail", "burn 7"]
     assert busywork.steps_for(0) == 0 < busywork.steps_for(1) < busywork.steps_for(2)
 
 
 FORKSERVER_WORK = """\
 import multiprocessing, sys, time
-from downloader import busywork
+from downloader import busywork, work
 
 def work():
     busywork.burn(300)
