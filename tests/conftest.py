@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 from aiohttp import web
@@ -50,6 +50,14 @@ T = TypeVar("T")
 # Backends that need an extra (dask: a LocalCluster of 2 workers, slow to start) run the
 # contract suite when the extra is installed, and are left out of the longer suites.
 BACKENDS = [name for name, (_, _, extra) in REGISTRY.items() if extra is None]
+
+
+def unavailable(reason: str) -> NoReturn:
+    """What a test needs is missing here: it fails under ``CI`` (CI must run every test)
+    and is skipped elsewhere, saying why."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must run it")
+    pytest.skip(reason)
 
 
 def _installed(name: str) -> bool:

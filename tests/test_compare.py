@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import invoke
+from conftest import invoke, unavailable
 
 from downloader import busywork, work
 from downloader.cli import main
@@ -93,8 +93,15 @@ def test_compare_rejects_unknown_backend() -> None:
     assert "bogus" in result.stderr and "Traceback" not in result.output + result.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="has matplotlib")
-def test_chart_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+def needs_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        unavailable("the chart needs matplotlib (in the test extra: pip install -e '.[test]')")
+
+
+def test_chart_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import fails, as if absent
     result = CliRunner().invoke(main, ["compare", "-n", "2", "--chart", str(tmp_path / "c.png")])
     assert result.exit_code == 2
     assert "downloader[chart]" in result.stderr
@@ -102,7 +109,7 @@ def test_chart_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    needs_matplotlib()
     chart = tmp_path / "c.png"
     result = CliRunner().invoke(
         main, ["compare", "-n", "2", "--backends", "sync", "--chart", str(chart)]
@@ -249,26 +256,29 @@ def test_advice_line_names_the_advised_backend_the_winner_and_sync() -> None:
     assert "asyncio not run" in advice([row("sync", 2.0), row("threads", 1.0)], io)
 
 
-def test_all_scenarios_chart_side_by_side_and_json_by_name(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+def _outcome(name: str) -> Outcome:
+    rows = [
+        Row(backend, [Run(backend, 0, 10, 0, 1000, wall, 1.0, 50.0, 1.0, 2.0)])
+        for backend, wall in (("sync", 4.0), ("processes", 2.0))
+    ]
+    return Outcome(SCENARIOS[name], Settings(local=True), rows)
 
-    def outcome(name: str) -> Outcome:
-        rows = [
-            Row(backend, [Run(backend, 0, 10, 0, 1000, wall, 1.0, 50.0, 1.0, 2.0)])
-            for backend, wall in (("sync", 4.0), ("processes", 2.0))
-        ]
-        return Outcome(SCENARIOS[name], Settings(local=True), rows)
 
+def test_all_scenarios_chart_side_by_side(tmp_path: Path) -> None:
+    needs_matplotlib()
     one, three = tmp_path / "one.png", tmp_path / "three.png"
-    write_chart([outcome("gil")], one)
-    write_chart([outcome(name) for name in ("io", "cpu", "gil")], three)
+    write_chart([_outcome("gil")], one)
+    write_chart([_outcome(name) for name in ("io", "cpu", "gil")], three)
 
     def png_width(path: Path) -> int:
         return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk
 
     assert png_width(three) >= 2.5 * png_width(one)
+
+
+def test_all_scenarios_json_by_name(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
-    write_json([outcome(name) for name in ("io", "cpu", "gil")], out)
+    write_json([_outcome(name) for name in ("io", "cpu", "gil")], out)
     data = json.loads(out.read_text())["scenarios"]
     assert list(data) == ["io", "cpu", "gil"]
     assert data["gil"]["advice"]["winner"] == "processes"
