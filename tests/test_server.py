@@ -31,6 +31,7 @@ from downloader.settings import FAULTS, ServerSettings
 PATH = "/64/48?lock=3"
 Serve = Callable[..., RunningServer]
 TIMEOUT = 5.0
+STALLED_CLIENT_TIMEOUT_S = 10.0  # the client that waits out a stall gives up then
 
 
 @pytest.fixture
@@ -157,7 +158,8 @@ def test_stall_times_out_without_blocking_the_server(serve: Serve) -> None:
     server = serve(stall_rate=1.0)  # stall_s stays at 3600: only the client's timeout ends it
     url = server.base_url + PATH
     with ThreadPoolExecutor(1) as pool:
-        stalled = pool.submit(requests.get, url, timeout=2.0)
+        # A margin no load reaches: the wait and the second request below must end first.
+        stalled = pool.submit(requests.get, url, timeout=STALLED_CLIENT_TIMEOUT_S)
         wait_for(lambda: server_stats(server).get("fault:stall", 0) == 1)  # it is stalling now
         normal_image(server)  # same URL, second request: served while the first one stalls
         assert not stalled.done()
