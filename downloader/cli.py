@@ -10,26 +10,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from .config import load_settings
-from .errors import (
-    ClusterUnreachableError,
-    ConfigError,
-    DownloaderError,
-    StorageError,
-    StorageFaultError,
-)
+from .errors import RESUME, ConfigError
+from .outcome import ExitCode, for_report, guarded
 from .settings import Declared, Settings, declared
 
-if TYPE_CHECKING:
-    from .result import Report
-
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-MAX_FAILURE_LINES = 10
 
 
 class App(click.Group):
@@ -38,31 +28,6 @@ class App(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         sys.exit(guarded(lambda: super(App, self).main(*args, **kwargs)))
-
-
-def guarded(call: Callable[[], Any]) -> int:
-    """Run ``call`` and turn what it raises into one line on stderr and an exit code (the
-    CLI's, and a service job's process)."""
-    try:
-        code = call()
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        code = EXIT_USAGE
-    except StorageFaultError as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_STORAGE
-    except (ConfigError, StorageError, ClusterUnreachableError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_USAGE
-    except DownloaderError as exc:  # a run that could not finish, e.g. every worker failed
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_FAILED
-    except (click.Abort, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        code = EXIT_INTERRUPTED
-    return code if isinstance(code, int) else EXIT_OK
 
 
 def _size(value: str | None) -> tuple[int, int] | None:
@@ -179,7 +144,7 @@ def main(ctx: click.Context, /, **options: Any) -> int:
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = options
-        return EXIT_OK
+        return ExitCode.OK
     settings = settings_from_options(options)
     return _download(settings, verbose=options["verbose"])
 
@@ -194,20 +159,8 @@ def _download(settings: Settings, verbose: int) -> int:
     if report.note:
         click.echo(report.note, err=True)
     if report.fault:
-        click.echo(f"error: {report.fault}", err=True)
-    return exit_code(settings, report)
-
-
-def exit_code(settings: Settings, report: Report) -> int:
-    """0 all ok, 1 some failed (or too few distinct images), 3 stopped by a storage fault,
-    130 interrupted."""
-    if report.fault:
-        return EXIT_STORAGE
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    if settings.unique and not settings.urls:  # a list has no count to reach
-        return EXIT_OK if (report.unique or 0) >= settings.count else EXIT_FAILED
-    return EXIT_OK if report.failed == 0 else EXIT_FAILED
+        click.echo(f"error: {report.fault.then(RESUME)}", err=True)
+    return for_report(settings, report)
 
 
 @main.command()
@@ -232,7 +185,7 @@ def serve(ctx: click.Context, /, **options: Any) -> int:
         run_server(config, ready)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-    return EXIT_OK
+    return ExitCode.OK
 
 
 @main.command()
@@ -280,7 +233,7 @@ def submit(ctx: click.Context, /, **options: Any) -> int:
     job = service.submit(body)
     click.echo(job["id"])
     if not options["wait"]:
-        return EXIT_OK
+        return ExitCode.OK
     quiet = overrides.get("progress") is False
     return wait(service, job, quiet, int(merged.get("verbose") or 0))
 
@@ -367,4 +320,4 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
         scoreboard.write_json(outcomes, options["json_path"])
     if options["chart"] is not None:
         scoreboard.write_chart(outcomes, options["chart"])
-    return EXIT_OK if not any(outcome.failed for outcome in outcomes) else EXIT_FAILED
+    return ExitCode.OK if not any(outcome.failed for outcome in outcomes) else ExitCode.FAILED

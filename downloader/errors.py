@@ -6,7 +6,12 @@ Per-URL failures never escape a backend: they become a ``Result`` whose ``error`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+# The way on after a storage fault, in the words of a run (the CLI, the Python API); the
+# service words its own (a job goes on with retry).
+RESUME = "run the same command with --resume"
 
 
 class DownloaderError(Exception):
@@ -69,17 +74,34 @@ class OutputInUseError(StorageError):
         return (type(self), (self.out, self.pid))
 
 
+@dataclass(frozen=True)
+class StorageFault:
+    """Why OUT cannot be written any more, and what the user does about it, kept apart so
+    that each front end words the way on after the fix in its own terms (``then``)."""
+
+    cause: str  # "no space left on device writing pic"
+    fix: str = ""  # "free some space"; empty when going on is all there is to do
+
+    def then(self, way_on: str) -> str:
+        """The one line: ``cause: fix, then way_on`` (``cause: way_on`` without a fix)."""
+        return f"{self.cause}: {self.fix}, then {way_on}" if self.fix else f"{self.cause}: {way_on}"
+
+
 class StorageFaultError(StorageError):
     """OUT stopped being writable mid-run (no space, quota, read-only, I/O error, the
-    folder gone): every later image would fail as well, so the run stopped. The message
-    names the cause and the way on. ``lost``: results whose manifest lines could not be
-    written (their files were removed: ``--resume`` fetches them again). ``report``: the
-    run's complete report, when ``download()`` raises it."""
+    folder gone): every later image would fail as well, so the run stopped. ``fault``
+    names the cause and the fix; the message adds a run's way on (``RESUME``). ``lost``:
+    results whose manifest lines could not be written (their files were removed:
+    ``--resume`` fetches them again). ``report``: the run's complete report, when
+    ``download()`` raises it."""
 
-    def __init__(self, message: str, lost: tuple[Any, ...] = (), report: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, fault: StorageFault, lost: tuple[Any, ...] = (), report: Any = None) -> None:
+        super().__init__(fault.then(RESUME))
+        self.fault = fault
         self.lost = lost
         self.report = report
 
-    def __reduce__(self) -> tuple[type[StorageFaultError], tuple[str, tuple[Any, ...], Any]]:
-        return (type(self), (str(self), self.lost, self.report))
+    def __reduce__(
+        self,
+    ) -> tuple[type[StorageFaultError], tuple[StorageFault, tuple[Any, ...], Any]]:
+        return (type(self), (self.fault, self.lost, self.report))

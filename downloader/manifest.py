@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import StorageError, StorageFaultError
+from .errors import StorageError, StorageFault, StorageFaultError
 from .result import Result
-from .storage import MANIFEST, RESUME_HINT, THUMBS, sha256, storage_fault, temp_path
+from .storage import MANIFEST, THUMBS, sha256, storage_fault, temp_path
 
 
 def read_manifest(out: Path) -> dict[int, Result]:
@@ -100,7 +100,7 @@ class ManifestWriter:
         self._tmp: Path | None = temp_path(self._path)
         self._stale: dict[int, tuple[int, int]] = {}  # index -> byte range of its old line
         self._superseded: list[tuple[int, int]] = []
-        self._fault: str | None = None
+        self._fault: StorageFault | None = None
         self._closed = False
         try:
             with open(self._tmp, "wb") as fh:
@@ -122,17 +122,17 @@ class ManifestWriter:
             self._append(_line(result))
         except StorageFaultError as exc:
             discard(self._out, result)
-            raise StorageFaultError(str(exc), lost=(result,)) from None
+            raise StorageFaultError(exc.fault, lost=(result,)) from None
         if result.index in self._stale:
             self._superseded.append(self._stale.pop(result.index))
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: StorageFault) -> None:
         """Stop recording (a storage fault elsewhere, e.g. writing an image): each later
         ``write`` removes the result's files and raises ``StorageFaultError``."""
         self._fault = self._fault or reason
 
     @property
-    def fault(self) -> str | None:
+    def fault(self) -> StorageFault | None:
         return self._fault
 
     def _swap(self) -> None:
@@ -145,9 +145,8 @@ class ManifestWriter:
         self._tmp = None
 
     def _fail(self, exc: OSError) -> NoReturn:
-        self._fault = storage_fault(exc, self._out) or (
-            f"cannot write the manifest {self._path}: {exc.strerror or exc}: "
-            f"fix it, then {RESUME_HINT}"
+        self._fault = storage_fault(exc, self._out) or StorageFault(
+            f"cannot write the manifest {self._path}: {exc.strerror or exc}", "fix it"
         )
         raise StorageFaultError(self._fault)
 

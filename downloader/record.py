@@ -50,7 +50,7 @@ class Recorder:
             self.manifest.write(result)  # after a fault: removes the result's files, raises
         except StorageFaultError as exc:
             if self.report.fault is None:
-                self.report.fault = str(exc)
+                self.report.fault = exc.fault
                 if self.stop is not None:
                     self.stop.set(str(exc))
             return

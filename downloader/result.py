@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import StorageFault
+
 DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which is removed
 
 
@@ -25,9 +27,9 @@ class Result:
     attempts: int = 0
     elapsed_ms: float = 0.0
     error: str | None = None
-    # A storage fault that will hit every later image too (disk full, OUT gone...): the
-    # one-line reason. Such a result stops the run and is never recorded.
-    fault: str | None = None
+    # A storage fault that will hit every later image too (disk full, OUT gone...): its
+    # cause and fix. Such a result stops the run and is never recorded.
+    fault: StorageFault | None = None
 
     @property
     def ok(self) -> bool:
@@ -70,7 +72,7 @@ class Report:
     stop_reason: str | None = None  # what the stop token was set with
     unique: int | None = None  # --unique: distinct images kept
     note: str | None = None  # something the user must hear, e.g. why --unique gave up
-    fault: str | None = None  # the storage fault that stopped the run, in one line
+    fault: StorageFault | None = None  # the storage fault that stopped the run
 
     def add(self, result: Result) -> None:
         if result.ok:

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiofiles.os
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, StorageError, StorageFault
 
 MANIFEST = "manifest.jsonl"
 THUMBS = "thumbnails"
@@ -205,20 +205,19 @@ _FAULTS = {
     errno.EACCES: ("permission denied", "make it writable again"),
     errno.EPERM: ("permission denied", "make it writable again"),
 }
-RESUME_HINT = "run the same command with --resume"
 
 
-def storage_fault(exc: OSError, out: Path) -> str | None:
-    """One line naming the cause and the way on, when ``exc`` (raised writing under OUT)
-    will hit every later image as well; None when it concerns this image only.
+def storage_fault(exc: OSError, out: Path) -> StorageFault | None:
+    """The cause and the fix, when ``exc`` (raised writing under OUT) will hit every later
+    image as well; None when it concerns this image only.
 
     Our names are fresh and safe, so a missing folder or a refused permission is about
     OUT itself, not about the image."""
     if exc.errno in _FAULTS:
         cause, fix = _FAULTS[exc.errno]
-        return f"{cause} writing {out}: {fix}, then {RESUME_HINT}"
+        return StorageFault(f"{cause} writing {out}", fix)
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         gone = out if not out.is_dir() else out / THUMBS
         if not gone.is_dir():
-            return f"the output folder {gone} was removed: {RESUME_HINT}"
+            return StorageFault(f"the output folder {gone} was removed")
     return None

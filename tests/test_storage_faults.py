@@ -40,6 +40,7 @@ from conftest import (
 )
 
 from downloader import OutputInUseError, StorageFaultError
+from downloader.errors import StorageFault
 from downloader.lock import LOCK, OutputLock, holder
 from downloader.manifest import ManifestWriter
 from downloader.pipeline import run
@@ -363,6 +364,11 @@ def test_an_interrupted_retry_failed_keeps_every_line(tmp_path: Path) -> None:
 FAULTY_DISK = Path(__file__).parent / "faulty_disk"  # a sitecustomize that breaks writes
 
 
+def fault_text(fault: StorageFault | None) -> str | None:
+    """A fault as a run words it."""
+    return fault.then(RESUME) if fault is not None else None
+
+
 def fault_line(code: int, out: Path) -> str:
     return f"error: {CAUSES[code]} writing {out}: {FIXES[code]}, then {RESUME}"
 
@@ -629,7 +635,7 @@ def test_storage_fault_names_the_cause_and_the_way_on(
 ) -> None:
     out = tmp_path / "pic"
     (out / "thumbnails").mkdir(parents=True)
-    reason = storage_fault(OSError(code, os.strerror(code)), out)
+    reason = fault_text(storage_fault(OSError(code, os.strerror(code)), out))
     assert reason == (expected and f"{expected.format(out=out)}, then {RESUME}")
 
 
@@ -640,8 +646,10 @@ def test_a_missing_folder_is_a_fault_only_when_out_is_gone(tmp_path: Path) -> No
     assert storage_fault(missing, out) is None
     (out / "thumbnails").rmdir()
     assert (
-        storage_fault(missing, out)
+        fault_text(storage_fault(missing, out))
         == f"the output folder {out / 'thumbnails'} was removed: {RESUME}"
     )
     out.rmdir()
-    assert storage_fault(missing, out) == f"the output folder {out} was removed: {RESUME}"
+    assert (
+        fault_text(storage_fault(missing, out)) == f"the output folder {out} was removed: {RESUME}"
+    )

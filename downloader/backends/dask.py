@@ -51,7 +51,7 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
     def emit(result: Result) -> None:
         results.append(result)
         if result.fault:
-            stop.set(result.fault)
+            stop.set(result.fault.cause)
 
     asyncio.run(run_pipeline(jobs, shard_settings, emit, stop, write_off_loop=True))
     return results

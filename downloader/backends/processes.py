@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 import requests
 
 from ..children import child_init, mp_context
+from ..errors import StorageFault
 from ..fetch import new_session
 from ..jobs import Job
 from ..politeness import HostGate
@@ -31,7 +32,7 @@ _settings: Settings | None = None
 
 
 _gate: HostGate | None = None
-_fault: str | None = None  # a storage fault this worker hit: it runs no more jobs
+_fault: StorageFault | None = None  # a storage fault this worker hit: it runs no more jobs
 
 
 def _init_worker(settings: Settings, workers: int, parent: int) -> None:

@@ -2,8 +2,8 @@
 
 The body is built from the usual download flags (and ``--config``, ``--urls`` read here);
 the service validates it. ``--wait`` feeds the CLI's progress bar from the job's event
-stream and exits with the job's code: 0 all ok, 1 some failed, 2 refused or could not run,
-130 cancelled.
+stream and exits with the job's code (``outcome.ExitCode``): OK all ok, FAILED some
+failed, USAGE refused or could not run, INTERRUPTED cancelled.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import requests
 
 from ..config import read_toml
 from ..errors import ConfigError
+from ..outcome import ExitCode
 from ..result import Result
 from ..settings import BACKENDS, Settings
 
-EXIT_BY_STATE = {"failed": 2, "cancelled": 130}
+EXIT_BY_STATE = {"failed": ExitCode.USAGE, "cancelled": ExitCode.INTERRUPTED}
 NOT_FOR_JOBS = {"out": "--out", "resume": "--resume", "retry_failed": "--retry-failed"}
 RECONNECTS = 5
 
@@ -131,4 +132,4 @@ def wait(service: Service, job: dict[str, Any], quiet: bool, verbose: int) -> in
         if end.get("error"):
             click.echo(f"error: {end['error']}", err=True)
         return EXIT_BY_STATE[end["state"]]
-    return 0 if end.get("failed", 0) == 0 else 1
+    return ExitCode.OK if end.get("failed", 0) == 0 else ExitCode.FAILED

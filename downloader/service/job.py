@@ -1,49 +1,42 @@
 """The process one service job runs in: ``python -m downloader.service.job SPEC OUT PARENT``.
 
 It runs the CLI's pipeline on ``OUT`` (``--resume`` once a manifest is there), prints one
-JSON ``JobEnd`` line on stdout and exits with the CLI's codes. It never outlives the
-service: the service holds the other end of its stdin, so EOF means the service is gone
-(however it died), and a parent-death signal backs that up; either sets the run's stop
-token (as Ctrl-C does), and a stop that does not finish in ``GRACE_S`` exits at once.
-The service's cancel is SIGTERM, which the pipeline turns into the same stop.
+JSON ``JobEnd`` line on stdout and exits with the CLI's codes (``outcome.ExitCode``; an OUT
+still held by an earlier process of the job is ``IN_USE``, for the runner to retry). It
+never outlives the service: the service holds the other end of its stdin, so EOF means the
+service is gone (however it died), and a parent-death signal backs that up; either sets
+the run's stop token (as Ctrl-C does), and a stop that does not finish in ``GRACE_S``
+exits at once. The service's cancel is SIGTERM, which the pipeline turns into the same
+stop.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import json
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from ..outcome import ExitCode, for_report, guarded
 from ..stop import StopToken
-from ..storage import MANIFEST, RESUME_HINT
-from .spec import JobSpec, job_settings
+from ..storage import MANIFEST
+from .spec import JobEnd, JobSpec, job_settings
 
 GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
 STOP = StopToken()
-
-
-@dataclass(frozen=True)
-class JobEnd:
-    """The job process's last word on stdout."""
-
-    summary: str
-    images_per_s: float
-    note: str | None
+# After a storage fault's fix, a job goes on with the service's retry.
+WAY_ON = "retry the job"
 
 
 def _service_gone() -> None:
     """Stop the run as Ctrl-C does; give up waiting after ``GRACE_S``: nobody is watching."""
     if STOP.is_set():
         return
-    timer = threading.Timer(GRACE_S, os._exit, args=(130,))
+    timer = threading.Timer(GRACE_S, os._exit, args=(ExitCode.INTERRUPTED,))
     timer.daemon = True
     timer.start()
     STOP.set("the service is gone")
@@ -69,7 +62,6 @@ def _on_parent_death(signum: int, frame: FrameType | None) -> None:
 
 
 def _run(spec_path: Path, out: Path) -> int:
-    from ..cli import exit_code
     from ..pipeline import run
 
     spec = JobSpec.from_json(spec_path.read_text("utf-8"))
@@ -79,20 +71,16 @@ def _run(spec_path: Path, out: Path) -> int:
     settings = job_settings(values, out, urls)
     report = run(settings, None, keep_results=False, stop=STOP)
     end = JobEnd(report.summary(), report.images_per_s, report.note)
-    print(json.dumps(dataclasses.asdict(end)), flush=True)
+    print(end.to_json(), flush=True)
     if report.fault:  # the job ends failed, with this line as its error
-        # The way on, in the service's words: a job is continued with retry.
-        fault = report.fault.replace(RESUME_HINT, "retry the job")
-        print(f"error: {fault}", file=sys.stderr, flush=True)
-    return exit_code(settings, report)
+        print(f"error: {report.fault.then(WAY_ON)}", file=sys.stderr, flush=True)
+    return for_report(settings, report)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import guarded
-
     spec, out, parent = argv if argv is not None else sys.argv[1:]
     _watch_parent(int(parent))
-    return guarded(lambda: _run(Path(spec), Path(out)))
+    return guarded(lambda: _run(Path(spec), Path(out)), WAY_ON, in_use=ExitCode.IN_USE)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 The child (``downloader.service.job``) runs the CLI's pipeline on the job's folder; the
 runner follows it through the manifest, keeps the store's counts and states, and tells
-listeners. Exit codes are the CLI's: 0 and 1 end ``done``; 130 after a cancel ends
-``cancelled``; a child that reports its folder in use (an earlier child still stopping)
-is started again a few times; anything else ends ``failed`` with the child's last line.
+listeners. Exit codes are ``outcome.ExitCode``: OK and FAILED end ``done``; INTERRUPTED
+after a cancel ends ``cancelled``; IN_USE (its folder is held by an earlier child that is
+still stopping) starts the child again a few times; anything else ends ``failed`` with the
+child's last line.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..outcome import ExitCode
 from .feed import Event, Feed, Feeds, Topic
-from .job import JobEnd
+from .spec import JobEnd
 from .store import JobRow, Store
 
 log = logging.getLogger("downloader.service")
 
 POLL_S = 0.2  # the manifest is flushed every 0.2 s
 TICK_S = 1.0  # progress events and stored counts, while they move
-IN_USE = "in use by another download"
 IN_USE_TRIES = 6
+ENDED_DONE = (ExitCode.OK, ExitCode.FAILED)  # the run went through: some images may have failed
 STOP_WAIT_S = 30.0
 
 
@@ -165,7 +167,7 @@ class Runner:
                 if active.cancel or self._stopping.is_set():
                     break
                 outcome = await self._run_once(active)
-                if not (outcome.code == 2 and IN_USE in outcome.last_line):
+                if outcome.code != ExitCode.IN_USE:
                     break
                 log.info("job %s: its folder is still in use; trying again", job_id)
                 with contextlib.suppress(TimeoutError):
@@ -232,12 +234,12 @@ class Runner:
     def _end(self, active: _Active, outcome: _Outcome) -> None:
         job_id, code, feed = active.row.id, outcome.code, active.feed
         self.store.set_counts(job_id, feed.ok, feed.failed)
-        if self._stopping.is_set() and not active.cancel and code not in (0, 1):
+        if self._stopping.is_set() and not active.cancel and code not in ENDED_DONE:
             log.info("job %s stopped with the service; it resumes at the next start", job_id)
             return  # still "running" in the store: stop() queues it again
         end = outcome.end
         fields = {"summary": end.summary, "images_per_s": end.images_per_s} if end else {}
-        if code in (0, 1):
+        if code in ENDED_DONE:
             row = self.store.move(job_id, "done", error=None, **fields)
         elif active.cancel:
             row = self.store.move(job_id, "cancelled", **fields)
@@ -264,17 +266,14 @@ def _reason(outcome: _Outcome) -> str:
     if outcome.code < 0:
         name = signal.Signals(-outcome.code).name
         return f"the job's process was killed by {name}" + (f" ({line})" if line else "")
-    if outcome.code == 130:
-        return "the job's process was interrupted (exit code 130)"
+    if outcome.code == ExitCode.INTERRUPTED:
+        return f"the job's process was interrupted (exit code {ExitCode.INTERRUPTED:d})"
     return line or f"the job's process exited with code {outcome.code}"
 
 
 def _job_end(stdout: bytes) -> JobEnd | None:
-    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            data = json.loads(line)
-            return JobEnd(data["summary"], float(data["images_per_s"]), data["note"])
-    return None
+    lines = reversed(stdout.decode("utf-8", "replace").splitlines())
+    return next((end for line in lines if (end := JobEnd.from_json(line)) is not None), None)
 
 
 async def _read_all(stream: asyncio.StreamReader | None) -> bytes:

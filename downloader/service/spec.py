@@ -46,6 +46,27 @@ class JobSpec:
         return cls(values=data["values"], urls=data["urls"], total=data["total"])
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """A job's process's last word: one JSON line on its stdout, read by the runner."""
+
+    summary: str
+    images_per_s: float
+    note: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobEnd | None:
+        """The end a line names, or None for any other line."""
+        try:
+            data = json.loads(text)
+            return cls(str(data["summary"]), float(data["images_per_s"]), data["note"])
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
 def service_values(service: Settings) -> dict[str, Any]:
     """The service's settings as flat values, the base a job's body is layered over."""
     values: dict[str, Any] = {}
