@@ -16,9 +16,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import records
+from sseclient import Event as SSEEvent
+from sseclient import SSEClient
 
 from downloader.config import load_settings
-from downloader.service.app import SETTINGS, STORE, make_app
+from downloader.service.app import make_app
+from downloader.service.keys import SETTINGS, STORE
 
 TOKEN = "s3cret-token"
 SMALL = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 4}}
@@ -71,18 +74,18 @@ async def finished(client: TestClient[Any, Any], job_id: str) -> dict[str, Any]:
     return result
 
 
-async def sse(client: TestClient[Any, Any], path: str) -> list[tuple[str, Any]]:
+async def read_stream(
+    client: TestClient[Any, Any], path: str, headers: dict[str, str] | None = None
+) -> list[SSEEvent]:
     """Every event of a stream that ends by itself (a job's stream ends at ``end``)."""
-    events, kind = [], ""
-    async with client.get(path) as response:
+    async with client.get(path, headers=headers) as response:
         assert response.headers["Content-Type"] == "text/event-stream"
-        async for raw in response.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                events.append((kind, json.loads(line[6:])))
-    return events
+        body = await response.read()
+    return list(SSEClient(iter([body])).events())
+
+
+async def sse(client: TestClient[Any, Any], path: str) -> list[tuple[str, Any]]:
+    return [(event.event, json.loads(event.data)) for event in await read_stream(client, path)]
 
 
 async def test_a_job_runs_to_done_and_its_results_replay(client: TestClient[Any, Any]) -> None:
@@ -482,18 +485,8 @@ async def test_a_stream_resumed_with_last_event_id_skips_what_was_seen(
 
     async def stream(last: str | None) -> list[tuple[str | None, str, Any]]:
         headers = {"Last-Event-ID": last} if last is not None else {}
-        events, event_id, kind = [], None, ""
-        async with client.get(path, headers=headers) as response:
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("id: "):
-                    event_id = line[4:]
-                elif line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    events.append((event_id, kind, json.loads(line[6:])))
-                    event_id = None
-        return events
+        events = await read_stream(client, path, headers)
+        return [(event.id, event.event, json.loads(event.data)) for event in events]
 
     everything = await stream(None)
     results = [(i, data["index"]) for i, kind, data in everything if kind == "result"]

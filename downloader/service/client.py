@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 import requests
+from sseclient import SSEClient
 
 from ..config import read_toml
 from ..errors import ConfigError
@@ -74,11 +75,13 @@ class Service:
                 ) as response:  # fmt: skip
                     if response.status_code != 200:
                         raise ConfigError(f"cannot follow job {job_id}: {_error(response)}")
-                    for kind, data, event_id in _parse_sse(response.iter_lines()):
-                        last_id = event_id or last_id
+                    # chunk_size=None: each chunk as it arrives, so no event waits for more.
+                    stream = SSEClient(response.iter_content(chunk_size=None))
+                    for event in stream.events():
+                        last_id = event.id or last_id
                         failures = 0
-                        yield kind, data
-                        if kind == "end":
+                        yield event.event, event.data
+                        if event.event == "end":
                             return
             except requests.RequestException as exc:
                 failures += 1
@@ -91,26 +94,6 @@ def _error(response: requests.Response) -> str:
         return str(response.json()["error"])
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}"
-
-
-def _parse_sse(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str]]:
-    kind, event_id = "message", ""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.decode("utf-8", "replace")
-        if not line:
-            if data:
-                yield kind, "\n".join(data), event_id
-            kind, data = "message", []
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "event":
-            kind = value
-        elif field == "data":
-            data.append(value)
-        elif field == "id":
-            event_id = value
 
 
 def wait(service: Service, job: dict[str, Any], quiet: bool, verbose: int) -> int:

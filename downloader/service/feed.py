@@ -27,6 +27,7 @@ from typing import Any
 
 from ..result import DUPLICATE
 from ..storage import MANIFEST
+from .store import JobRow
 
 QUEUE_LIMIT = 10_000  # events a slow listener may lag behind before it is dropped
 
@@ -34,11 +35,12 @@ QUEUE_LIMIT = 10_000  # events a slow listener may lag behind before it is dropp
 @dataclass(frozen=True)
 class Event:
     kind: str  # "result", "progress", "job", "end"; "close" ends a stream (shutdown, overflow)
-    data: str  # JSON text
+    data: str = ""  # a result's manifest line (JSON text)
     id: str | None = None  # a result's "EPOCH-N" in its feed (for Last-Event-ID)
+    job: JobRow | None = None  # the job (its counts so far) of "progress", "job" and "end"
 
 
-CLOSE = Event("close", "")
+CLOSE = Event("close")
 
 
 class Topic:

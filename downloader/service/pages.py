@@ -16,6 +16,8 @@ _TYPES = {
     ".json": "application/json",
 }
 
+routes = web.RouteTableDef()
+
 
 def _page_file(name: str) -> web.FileResponse:
     """A file directly in WEB_DIR, by name; nothing else (no folders, no hidden files)."""
@@ -28,9 +30,11 @@ def _page_file(name: str) -> web.FileResponse:
     return web.FileResponse(path, headers=headers)
 
 
+@routes.get("/")
 async def index(request: web.Request) -> web.FileResponse:
     return _page_file("index.html")
 
 
+@routes.get("/web/{name}")
 async def web_file(request: web.Request) -> web.FileResponse:
     return _page_file(request.match_info["name"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import signal
@@ -100,20 +100,13 @@ class Runner:
     def running(self) -> int:
         return len(self._active)
 
-    def counts(self, row: JobRow) -> tuple[int, int]:
+    def snapshot(self, row: JobRow) -> JobRow:
+        """``row`` with the counts of its run so far, while it runs (the store has them
+        only every ``TICK_S``)."""
         active = self._active.get(row.id)
-        return (active.feed.ok, active.feed.failed) if active else (row.ok, row.failed)
-
-    def render(self, row: JobRow) -> str:
-        """The job object as JSON text (``spec`` is the body as sent, stored as JSON)."""
-        ok, failed = self.counts(row)
-        head = {
-            "id": row.id, "state": row.state, "ok": ok, "failed": failed, "total": row.total,
-            "created_at": row.created_at, "started_at": row.started_at,
-            "finished_at": row.finished_at, "images_per_s": row.images_per_s,
-            "summary": row.summary, "error": row.error,
-        }  # fmt: skip
-        return json.dumps(head, separators=(",", ":"))[:-1] + ',"spec":' + row.body + "}"
+        if active is None:
+            return row
+        return dataclasses.replace(row, ok=active.feed.ok, failed=active.feed.failed)
 
     # ------------------------------------------------------------------ requests
 
@@ -221,13 +214,12 @@ class Runner:
             await active.feed.poll()
             if time.monotonic() - last_tick >= TICK_S:
                 last_tick = time.monotonic()
-                text = self.render(active.row)
-                active.feed.topic.publish(Event("progress", text))
-                now_counts = (active.feed.ok, active.feed.failed)
-                if now_counts != counts:
-                    counts = now_counts
-                    self.store.set_counts(active.row.id, *counts)
-                    self.events.publish(Event("job", text))
+                job = self.snapshot(active.row)
+                active.feed.topic.publish(Event("progress", job=job))
+                if (job.ok, job.failed) != counts:
+                    counts = (job.ok, job.failed)
+                    self.store.set_counts(job.id, *counts)
+                    self.events.publish(Event("job", job=job))
 
     # ------------------------------------------------------------------ endings
 
@@ -250,15 +242,15 @@ class Runner:
     def _finished(self, row: JobRow) -> None:
         detail = row.summary or row.error or ""
         log.info("job %s %s%s", row.id, row.state, f": {detail}" if detail else "")
-        text = self._changed(row)
+        job = self._changed(row)
         feed = self.feeds.peek(row.id)
         if feed is not None:
-            feed.topic.publish(Event("end", text))
+            feed.topic.publish(Event("end", job=job))
 
-    def _changed(self, row: JobRow) -> str:
-        text = self.render(row)
-        self.events.publish(Event("job", text))
-        return text
+    def _changed(self, row: JobRow) -> JobRow:
+        job = self.snapshot(row)
+        self.events.publish(Event("job", job=job))
+        return job
 
 
 def _reason(outcome: _Outcome) -> str:

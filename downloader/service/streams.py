@@ -1,88 +1,98 @@
-"""Server-Sent Events: the job list's changes, and one job's results as they come.
+"""Server-Sent Events (``aiohttp_sse``): the job list's changes, and one job's results as
+they come.
 
-A job's stream first replays every result its feed holds, then the live ones: the replay
-is copied and the listener added in one step of the event loop, so nothing falls in
-between and nothing comes twice. Heartbeat comments keep proxies from closing an idle
-stream; a stream ends when the client goes, at the job's ``end``, or when the service
-stops (``Topic.close_all``).
+A job's stream first replays every result its feed holds after the client's
+``Last-Event-ID``, then the live ones: the replay is copied and the listener added in one
+step of the event loop, so nothing falls in between and nothing comes twice. The
+library's pings keep proxies from closing an idle stream; a stream ends when the client
+goes, at the job's ``end``, or when the service stops (``Topic.close_all``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
-from .app import EVENTS, FEEDS, RUNNER, STORE, ApiError, job_row
 from .feed import Event
+from .keys import EVENTS, FEEDS, RUNNER, STORE
+from .views import ApiError, job_json, job_row
 
 HEARTBEAT_S = 15.0
+SEP = "\n"  # between an event's lines; the library's default is CRLF
+YIELD_EVERY = 500  # events of a replay sent between two turns of the event loop
+
+routes = web.RouteTableDef()
 
 
-def _frame(event: Event) -> bytes:
-    head = f"id: {event.id}\n" if event.id is not None else ""
-    return f"{head}event: {event.kind}\ndata: {event.data}\n\n".encode()
+def _stream() -> EventSourceResponse:
+    return EventSourceResponse(sep=SEP, ping_interval=HEARTBEAT_S)
 
 
-async def _open(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    return response
+async def _send(response: EventSourceResponse, events: Iterable[Event]) -> None:
+    for count, event in enumerate(events, 1):
+        data = job_json(event.job) if event.job is not None else event.data
+        await response.send(data, id=event.id, event=event.kind)
+        if count % YIELD_EVERY == 0:  # a write to a fast reader never waits: let others run
+            await asyncio.sleep(0)
 
 
-async def _pump(response: web.StreamResponse, queue: asyncio.Queue[Event]) -> None:
-    """Write events as they come (all waiting ones at once) until ``end`` or ``close``."""
+async def _pump(response: EventSourceResponse, queue: asyncio.Queue[Event]) -> None:
+    """Send events as they come until ``end`` (sent) or ``close`` (not sent)."""
     while True:
-        try:
-            events = [await asyncio.wait_for(queue.get(), HEARTBEAT_S)]
-        except TimeoutError:
-            await response.write(b": ping\n\n")
-            continue
-        while not queue.empty():
-            events.append(queue.get_nowait())
-        stop = next((i for i, e in enumerate(events) if e.kind in ("end", "close")), None)
-        batch = events if stop is None else events[: stop + 1]
-        await response.write(b"".join(_frame(e) for e in batch if e.kind != "close"))
-        if stop is not None:
+        event = await queue.get()
+        if event.kind == "close":
+            return
+        await _send(response, [event])
+        if event.kind == "end":
             return
 
 
+@routes.get("/api/v1/jobs/{id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
-    row = job_row(request)
-    feed = request.app[FEEDS].get(row.id)
-    response: web.StreamResponse | None = None
-    with feed.topic.subscribe() as queue, contextlib.suppress(ConnectionResetError):
-        backlog = feed.replay(request.headers.get("Last-Event-ID", "").strip())
-        ended = row.final
-        response = await _open(request)
-        for start in range(0, len(backlog), 500):
-            await response.write(b"".join(_frame(e) for e in backlog[start : start + 500]))
-        await feed.poll()  # what the feed had not read yet goes to the queue
-        if ended:
-            pending = [queue.get_nowait() for _ in range(queue.qsize())]
-            results = [e for e in pending if e.kind == "result"]
-            row = request.app[STORE].get(row.id) or row
-            end = Event("end", request.app[RUNNER].render(row))
-            await response.write(b"".join(_frame(e) for e in [*results, end]))
-        else:
-            await _pump(response, queue)
-    if response is None:  # pragma: no cover - the client left before the headers
+    job_id = job_row(request).id  # a 404 before the stream opens
+    response = _stream()
+    # ConnectionResetError: the client left; TimeoutError: it stopped reading (the
+    # library's send timeout). Either way its stream is over.
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        await response.prepare(request)
+        async with response:
+            await _follow(request, response, job_id)
+    if not response.prepared:  # pragma: no cover - the client left before the headers
         raise ApiError(499, "client gone")
     return response
 
 
+async def _follow(request: web.Request, response: EventSourceResponse, job_id: str) -> None:
+    app = request.app
+    feed = app[FEEDS].get(job_id)
+    row = app[STORE].get(job_id)
+    with feed.topic.subscribe() as queue:
+        backlog = feed.replay((response.last_event_id or "").strip())
+        await _send(response, backlog)
+        await feed.poll()  # what the feed had not read yet goes to the queue
+        if row is None or not row.final:
+            await _pump(response, queue)
+            return
+        pending = [queue.get_nowait() for _ in range(queue.qsize())]
+        results = [event for event in pending if event.kind == "result"]
+        row = app[STORE].get(job_id) or row
+        await _send(response, [*results, Event("end", job=app[RUNNER].snapshot(row))])
+
+
+@routes.get("/api/v1/events")
 async def all_events(request: web.Request) -> web.StreamResponse:
-    response: web.StreamResponse | None = None
-    with request.app[EVENTS].subscribe() as queue, contextlib.suppress(ConnectionResetError):
-        response = await _open(request)
-        await _pump(response, queue)
-    if response is None:  # pragma: no cover
+    response = _stream()
+    with (
+        request.app[EVENTS].subscribe() as queue,
+        contextlib.suppress(ConnectionResetError, TimeoutError),
+    ):
+        await response.prepare(request)
+        async with response:
+            await _pump(response, queue)
+    if not response.prepared:  # pragma: no cover
         raise ApiError(499, "client gone")
     return response

@@ -1,0 +1,161 @@
+"""The JSON API's handlers: health, login, jobs (submit, list, get, cancel, retry), a
+job's manifest and files. Each parses, calls the store or the runner, and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from .keys import FEEDS, RUNNER, SETTINGS, STORE
+from .spec import JobSpec, parse_body, with_block_private
+from .store import STATES
+from .views import ApiError, job_row, job_view, json_text
+
+COOKIE = "downloader_token"
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/health")
+async def health(request: web.Request) -> web.Response:
+    counts = request.app[STORE].counts()
+    return web.json_response(
+        {"status": "ok", "version": __version__, "running": counts["running"],
+         "queued": counts["queued"]}
+    )  # fmt: skip
+
+
+@routes.post("/api/v1/login")
+async def login(request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    given = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(given, str):
+        raise ApiError(400, 'the body must be {"token": "..."}')
+    token = request.app[SETTINGS].service.token
+    if token and not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "wrong token")
+    response = web.Response(status=204)
+    if token:
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+    return response
+
+
+@routes.post("/api/v1/jobs")
+async def create_job(request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    settings = request.app[SETTINGS]
+    spec = await asyncio.to_thread(parse_body, body, settings)
+    spec = JobSpec(with_block_private(spec.values, settings), spec.urls, spec.total)
+    job_id = secrets.token_urlsafe(12)
+    await asyncio.to_thread(_write_spec, settings.service.data / "specs", job_id, spec)
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    row = request.app[STORE].add(job_id, text, spec.total)
+    request.app[RUNNER].submitted(row)
+    return json_text(job_view(request, row), status=201)
+
+
+def _write_spec(folder: Path, job_id: str, spec: JobSpec) -> None:
+    if spec.urls is not None:
+        (folder / f"{job_id}.urls").write_text("".join(f"{u}\n" for u in spec.urls), "utf-8")
+    (folder / f"{job_id}.json").write_text(spec.to_json(), "utf-8")
+
+
+async def _read_json(request: web.Request) -> Any:
+    # Only application/json: a browser sends any other type from any site without asking
+    # (a "simple" request); this one needs a CORS preflight, which the service never grants.
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the body as Content-Type: application/json")
+    raw = await request.read()
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
+
+
+@routes.get("/api/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        limit = int(query.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "limit must be 1 to 1000")
+    state = query.get("state") or None
+    if state is not None and state not in STATES:
+        raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+    rows = request.app[STORE].jobs(limit, state)
+    return json_text('{"jobs":[' + ",".join(job_view(request, row) for row in rows) + "]}")
+
+
+@routes.get("/api/v1/jobs/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    return json_text(job_view(request, job_row(request)))
+
+
+@routes.delete("/api/v1/jobs/{id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    row = job_row(request)
+    if not request.app[RUNNER].cancel(row):
+        raise ApiError(409, f"job {row.id} has already ended ({row.state})")
+    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+
+
+@routes.post("/api/v1/jobs/{id}/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    row = job_row(request)
+    if not request.app[RUNNER].retry(row):
+        raise ApiError(409, f"job {row.id} is {row.state}; only an ended job can run again")
+    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+
+
+@routes.get("/api/v1/jobs/{id}/manifest")
+async def manifest(request: web.Request) -> web.StreamResponse:
+    row = job_row(request)
+    path = request.app[SETTINGS].service.data / "jobs" / row.id / "manifest.jsonl"
+    kind = {"Content-Type": "application/x-ndjson"}
+    if not await asyncio.to_thread(path.is_file):
+        return web.Response(body=b"", headers=kind)
+    return web.FileResponse(path, headers=kind)
+
+
+@routes.get("/files/{id}/{path:.+}")
+async def job_file(request: web.Request) -> web.StreamResponse:
+    """An image or thumbnail of a job: only a path its manifest lists, inside its folder."""
+    row = job_row(request)
+    path = request.match_info["path"]
+    if not _relative_file(path):
+        raise ApiError(404, "no such file")
+    feed = request.app[FEEDS].get(row.id)
+    await feed.poll()
+    file = request.app[SETTINGS].service.data / "jobs" / row.id / path
+    if not feed.lists(path) or not await asyncio.to_thread(_regular_file, file):
+        raise ApiError(404, "no such file")
+    return web.FileResponse(file, headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _relative_file(path: str) -> bool:
+    parts = path.split("/")
+    if len(parts) == 2 and parts[0] == "thumbnails":
+        parts = parts[1:]
+    return len(parts) == 1 and all(
+        part and not part.startswith(".") and "\\" not in part and "\0" not in part
+        for part in parts
+    )
+
+
+def _regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
