@@ -1,4 +1,5 @@
-"""One run per output folder: ``OUT/.downloader.lock``, held with ``flock`` for a run's life.
+"""One run per output folder: ``OUT/.downloader.lock``, held with ``flock`` for a run's life
+(and one service per data folder: ``DATA/service.lock``, the same lock under another name).
 
 The kernel drops an ``flock`` when its process dies, however it dies, so ``kill -9`` leaves
 no stale lock to clean up. The file holds the pid of the run that has it, for the message
@@ -29,26 +30,29 @@ _PID_WAIT_S = 0.2  # a run that has just locked writes its pid right after: wait
 class OutputLock:
     """``with OutputLock(out):`` creates OUT if needed and holds its lock, or raises
     ``OutputInUseError`` at once (nothing in OUT touched) when another run holds it.
-    A second ``OutputLock`` on the same OUT in the same process is refused as well."""
+    A second ``OutputLock`` on the same OUT in the same process is refused as well.
+    ``name``: the lock file's; ``what``: the folder, as messages name it."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, name: str = LOCK, what: str = "output folder") -> None:
         self.out = out
+        self.path = out / name
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
-            raise StorageError(f"output folder {out} exists and is not a folder")
+            raise StorageError(f"{self.what} {out} exists and is not a folder")
         try:
             out.mkdir(parents=True, exist_ok=True)
             # Held read-only: a file open for writing would keep the file system from
             # being remounted read-only (EBUSY) for the run's whole life.
-            fd = os.open(out / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageError(
-                f"cannot write to output folder {out}: {exc.strerror or exc}"
+                f"cannot write to {self.what} {out}: {exc.strerror or exc}"
             ) from None
-        self._fd = _locked(fd, out)
+        self._fd = self._locked(fd)
         self._write_pid(f"{os.getpid()}\n")
 
     def release(self) -> None:
@@ -59,11 +63,34 @@ class OutputLock:
 
     def _write_pid(self, text: str) -> None:
         with contextlib.suppress(OSError):  # the pid is only for a message
-            fd = os.open(self.out / LOCK, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
             try:
                 os.write(fd, text.encode())
             finally:
                 os.close(fd)
+
+    def _locked(self, fd: int) -> int:
+        """``fd`` holding the lock exclusively, or a read-write descriptor of the same
+        file where the file system wants one (NFS answers EBADF on a read-only one).
+        Raises ``OutputInUseError`` or ``StorageError``, with the descriptor closed."""
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                writable = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                os.close(fd)
+                fd = writable
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise OutputInUseError(self.out, pid) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot lock {self.what} {self.out}: {exc.strerror}") from None
+        return fd
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -76,30 +103,6 @@ class OutputLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
-
-
-def _locked(fd: int, out: Path) -> int:
-    """``fd`` holding OUT's lock exclusively, or a read-write descriptor of the same file
-    where the file system wants one (NFS answers EBADF on a read-only one). Raises
-    ``OutputInUseError`` or ``StorageError``, with the descriptor closed."""
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-            writable = os.open(out / LOCK, os.O_RDWR | os.O_CLOEXEC)
-            os.close(fd)
-            fd = writable
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _read_pid(fd)
-        os.close(fd)
-        raise OutputInUseError(out, pid) from None
-    except OSError as exc:
-        os.close(fd)
-        raise StorageError(f"cannot lock output folder {out}: {exc.strerror}") from None
-    return fd
 
 
 def holder(out: Path) -> int | None:

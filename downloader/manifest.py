@@ -13,7 +13,14 @@ from typing import Any, NoReturn
 
 from .errors import StorageError, StorageFault, StorageFaultError
 from .result import Result
-from .storage import MANIFEST, THUMBS, sha256, storage_fault, temp_path
+from .storage import (
+    MANIFEST,
+    is_component,
+    is_thumbnail_path,
+    sha256,
+    storage_fault,
+    temp_path,
+)
 
 
 def read_manifest(out: Path) -> dict[int, Result]:
@@ -24,13 +31,20 @@ def read_manifest(out: Path) -> dict[int, Result]:
         return records
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            try:
-                result = Result.from_record(json.loads(line))
-            except (ValueError, TypeError, AttributeError):
-                continue
-            if _plausible(result):
+            result = parse_line(line)
+            if result is not None:
                 records[result.index] = result
     return records
+
+
+def parse_line(line: str) -> Result | None:
+    """One manifest line's record, or None for a torn or invalid line (the one reader of
+    manifest lines: ``--resume``'s and the service's)."""
+    try:
+        result = Result.from_record(json.loads(line))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return result if _plausible(result) else None
 
 
 def _plausible(result: Result) -> bool:
@@ -38,26 +52,11 @@ def _plausible(result: Result) -> bool:
     input too: an edited one must not make --resume read ``../../etc``)."""
     if not isinstance(result.index, int) or not isinstance(result.url, str):
         return False
-    if result.path is not None and not _is_component(result.path):
+    if result.path is not None and not is_component(result.path):
         return False
-    thumb = result.thumbnail
-    if thumb is not None and not (
-        isinstance(thumb, str)
-        and thumb.startswith(f"{THUMBS}/")
-        and _is_component(thumb[len(THUMBS) + 1 :])
-    ):
+    if result.thumbnail is not None and not is_thumbnail_path(result.thumbnail):
         return False
     return result.sha256 is None or isinstance(result.sha256, str)
-
-
-def _is_component(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and bool(name)
-        and "/" not in name
-        and "\\" not in name
-        and not name.startswith(".")
-    )
 
 
 def still_valid(out: Path, result: Result) -> bool:

@@ -37,7 +37,7 @@ class Result:
 
     @property
     def duplicate(self) -> bool:
-        return not self.ok and (self.error or "").startswith(DUPLICATE)
+        return not self.ok and isinstance(self.error, str) and self.error.startswith(DUPLICATE)
 
     def to_record(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies every value, once per result recorded

@@ -103,6 +103,24 @@ def safe_name(
     return f"{base.lstrip('._-') or f'{index:06d}'}{ext}"
 
 
+def is_component(name: object) -> bool:
+    """Whether ``name`` is one plain file name in a folder: not empty, no separator, no
+    NUL, not hidden (so never ``.`` or ``..``). What ``safe_name`` makes, and all that a
+    manifest (which is input too) or a request may name."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and not any(char in name for char in "/\\\0")
+    )
+
+
+def is_thumbnail_path(path: object) -> bool:
+    """Whether ``path`` is ``thumbnails/<component>``, as ``thumbnail_name`` makes."""
+    prefix = f"{THUMBS}/"
+    return isinstance(path, str) and path.startswith(prefix) and is_component(path[len(prefix) :])
+
+
 def thumbnail_name(image_name: str) -> str:
     return f"{THUMBS}/{image_name.rsplit('.', 1)[0]}.jpg"
 

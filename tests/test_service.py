@@ -498,3 +498,18 @@ async def test_a_stream_resumed_with_last_event_id_skips_what_was_seen(
     assert after[-1][1] == "end"
     unknown = await stream("not-an-id-of-this-feed")
     assert sorted(d["index"] for _, kind, d in unknown if kind == "result") == list(range(5))
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True), ("LocalHost", True), ("127.0.0.1", True), ("127.8.0.1", True),
+        ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", False),
+        ("192.168.1.2", False), ("::", False), ("localhost.example.com", False), ("", False),
+    ],
+)  # fmt: skip
+def test_one_definition_of_loopback(host: str, loopback: bool) -> None:
+    """What may run without a token, and the Host names a tokenless service answers."""
+    from downloader.netguard import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -102,6 +102,18 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address | N
     return None, ""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name, or an IP address with or without IPv6's brackets) names
+    this machine's loopback: ``localhost``, 127.0.0.0/8, ``::1`` (IPv4-mapped too)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    ip = parse_ip(name)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is not None and ip.is_loopback
+
+
 def parse_ip(text: str) -> IPAddress | None:
     """An IP address written as a host (IPv6 without brackets, maybe with a zone), or None."""
     try:

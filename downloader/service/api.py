@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..storage import MANIFEST, is_component, is_thumbnail_path
 from .keys import FEEDS, RUNNER, SETTINGS, STORE
 from .spec import JobSpec, parse_body, with_block_private
 from .store import STATES
@@ -125,7 +126,7 @@ async def retry_job(request: web.Request) -> web.Response:
 @routes.get("/api/v1/jobs/{id}/manifest")
 async def manifest(request: web.Request) -> web.StreamResponse:
     row = job_row(request)
-    path = request.app[SETTINGS].service.data / "jobs" / row.id / "manifest.jsonl"
+    path = request.app[SETTINGS].service.data / "jobs" / row.id / MANIFEST
     kind = {"Content-Type": "application/x-ndjson"}
     if not await asyncio.to_thread(path.is_file):
         return web.Response(body=b"", headers=kind)
@@ -137,7 +138,7 @@ async def job_file(request: web.Request) -> web.StreamResponse:
     """An image or thumbnail of a job: only a path its manifest lists, inside its folder."""
     row = job_row(request)
     path = request.match_info["path"]
-    if not _relative_file(path):
+    if not (is_component(path) or is_thumbnail_path(path)):
         raise ApiError(404, "no such file")
     feed = request.app[FEEDS].get(row.id)
     await feed.poll()
@@ -145,16 +146,6 @@ async def job_file(request: web.Request) -> web.StreamResponse:
     if not feed.lists(path) or not await asyncio.to_thread(_regular_file, file):
         raise ApiError(404, "no such file")
     return web.FileResponse(file, headers={"X-Content-Type-Options": "nosniff"})
-
-
-def _relative_file(path: str) -> bool:
-    parts = path.split("/")
-    if len(parts) == 2 and parts[0] == "thumbnails":
-        parts = parts[1:]
-    return len(parts) == 1 and all(
-        part and not part.startswith(".") and "\\" not in part and "\0" not in part
-        for part in parts
-    )
 
 
 def _regular_file(path: Path) -> bool:

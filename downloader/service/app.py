@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import ConfigError
+from ..netguard import is_loopback
 from ..settings import Settings
 from . import api, pages, streams
 from .feed import Feeds, Topic
@@ -26,7 +27,6 @@ from .views import ApiError
 
 MAX_BODY = 1024 * 1024
 OPEN_PATHS = frozenset({"/api/v1/login", "/api/v1/health"})
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,7 +76,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _check_same_origin(request: web.Request, host: str) -> None:
     name = request.host.rsplit(":", 1)[0] if "]" not in request.host[-1:] else request.host
-    if name.strip("[]").lower() not in {*LOOPBACK_NAMES, host.strip("[]").lower()}:
+    if not is_loopback(name) and name.strip("[]").lower() != host.strip("[]").lower():
         raise ApiError(403, f"Host {request.host!r} is not this service's address")
     origin = request.headers.get("Origin")
     if origin is not None and origin != f"{request.scheme}://{request.host}":

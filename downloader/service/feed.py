@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..result import DUPLICATE
+from ..manifest import parse_line
 from ..storage import MANIFEST
 from .store import JobRow
 
@@ -165,17 +163,14 @@ class Feed:
 def _parse(raw: bytes) -> _Entry | None:
     try:
         line = raw.decode("utf-8")
-        record: Any = json.loads(line)
-        index = record["index"]
-        status = record["status"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a torn line of a killed run
-    if not isinstance(index, int) or status not in ("ok", "failed"):
+    except UnicodeDecodeError:
         return None
-    if status == "failed" and str(record.get("error") or "").startswith(DUPLICATE):
-        status = "duplicate"
-    paths = tuple(p for p in (record.get("path"), record.get("thumbnail")) if isinstance(p, str))
-    return _Entry(index, line, status, paths if status == "ok" else ())
+    result = parse_line(line)
+    if result is None or result.status not in ("ok", "failed"):
+        return None  # a torn line of a killed run
+    status = "duplicate" if result.duplicate else result.status
+    paths = tuple(p for p in (result.path, result.thumbnail) if p is not None)
+    return _Entry(result.index, line, status, paths if status == "ok" else ())
 
 
 class Feeds:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import ipaddress
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,20 +12,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputInUseError
+from ..lock import OutputLock
+from ..netguard import is_loopback
+from ..outcome import ExitCode
 from ..settings import Settings
 from .app import make_app
 
 log = logging.getLogger("downloader.service")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+LOCK = "service.lock"
 
 
 def run_service(settings: Settings) -> int:
@@ -42,28 +34,22 @@ def run_service(settings: Settings) -> int:
     )
     with _data_lock(config.data):
         asyncio.run(_serve(settings))
-    return 0
+    return ExitCode.OK
 
 
 @contextlib.contextmanager
 def _data_lock(data: Path) -> Iterator[None]:
     """One service per data folder: its database and job folders have one owner."""
+    lock = OutputLock(data, LOCK, what="data folder")
     try:
-        data.mkdir(parents=True, exist_ok=True)
-        fd = os.open(data / "service.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot use {data} as the data folder: {exc.strerror}") from None
+        lock.acquire()
+    except OutputInUseError as exc:
+        owner = exc.pid or "?"
+        raise ConfigError(f"{data} is in use by another service (pid {owner})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise ConfigError(f"{data} is in use by another service (pid {owner})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 async def _serve(settings: Settings) -> None:
