@@ -14,13 +14,14 @@ import email.utils
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate, host_of
+from .robots import disallowed, parse_directives, user_agent
 from .settings import HttpSettings
 
 if TYPE_CHECKING:
@@ -71,6 +72,16 @@ def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
         retry_after = parse_retry_after(headers.get("Retry-After"))
         raise RetryableFetchError(f"HTTP {status} from {url}", retry_after, status)
     raise FetchError(f"HTTP {status} from {url}")
+
+
+def check_opt_out(values: Iterable[str], http: HttpSettings, url: str) -> None:
+    """Refuse an image whose ``X-Robots-Tag`` opts it out (``robots.disallowed``)."""
+    if not values:
+        return
+    banned = parse_directives(http.disallowed_header_directives)
+    hit = disallowed(values, banned, http.user_agent_token)
+    if hit:
+        raise FetchError(f"X-Robots-Tag {hit}: the site opts this image out: {url}")
 
 
 def check_declared_length(value: str | None, max_bytes: int) -> int | None:
@@ -274,6 +285,7 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
             session.get(url, stream=True, timeout=http.timeout) as resp,
         ):
             check_status(resp.status_code, resp.headers, url)
+            check_opt_out(resp.raw.headers.getlist("X-Robots-Tag"), http, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             chunks: list[bytes] = []
             size = 0
@@ -320,7 +332,7 @@ def new_session(http: HttpSettings) -> requests.Session:
     # the check must see the address connected to).
     session.trust_env = proxies_configured() and not http.block_private
     session.max_redirects = http.max_redirects
-    session.headers["User-Agent"] = http.user_agent
+    session.headers["User-Agent"] = user_agent(http.user_agent, http.user_agent_token)
     adapter_class = GuardedAdapter if http.block_private else DeadlineAdapter
     adapter = adapter_class(pool_connections=4, pool_maxsize=4, max_retries=0)
     session.mount("http://", adapter)
@@ -356,6 +368,7 @@ async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSet
             url, timeout=_client_timeout(http.timeout), max_redirects=http.max_redirects
         ) as resp:
             check_status(resp.status, resp.headers, url)
+            check_opt_out(resp.headers.getall("X-Robots-Tag", ()), http, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             if declared is not None and not resp.headers.get("Content-Encoding"):
                 data = await resp.read()  # aiohttp stops at the declared length

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import StorageFaultError
 from .manifest import ManifestWriter
 from .result import Report, Result
+from .shards import ShardSet
 from .stop import StopToken
+from .storage import storage_fault
 
 
 class Observer(Protocol):
@@ -43,7 +46,11 @@ class Recorder:
         if self.observer is not None:
             self.observer.start(to_run, kept)
 
+    shards: ShardSet | None = None  # a shard format: samples go there before their line
+
     def __call__(self, result: Result) -> None:
+        if self.shards is not None:
+            result = self._to_shard(result)
         if result.fault:
             self.manifest.fail(result.fault)
         try:
@@ -59,3 +66,16 @@ class Recorder:
             self.report.results.append(result)
         if self.observer is not None:
             self.observer.result(result)
+
+    def _to_shard(self, result: Result) -> Result:
+        """Hand the row to its shard (a sample is in the shard's temp file before its line
+        is written), and keep the Result without the sample: a report of 10^5 images holds
+        no image bytes."""
+        shards = self.shards
+        if shards is not None and not result.fault and self.manifest.fault is None:
+            try:
+                shards.add(result)
+            except OSError as exc:
+                fault = storage_fault(exc, shards.out) or f"cannot write a shard: {exc}"
+                return dataclasses.replace(result, sample=None, fault=fault)
+        return dataclasses.replace(result, sample=None)

@@ -22,6 +22,7 @@ from ..fetch import proxies_configured
 from ..jobs import Job, may_block
 from ..netguard.aio import GuardedConnector
 from ..politeness import HostGate
+from ..robots import user_agent
 from ..settings import Settings
 from ..stop import StopToken
 from ..thumbnails import ImageInfo
@@ -95,7 +96,7 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        headers={"User-Agent": http.user_agent},
+        headers={"User-Agent": user_agent(http.user_agent, http.user_agent_token)},
         trust_env=proxies_configured() and not http.block_private,
     )
 
