@@ -31,7 +31,6 @@ from .samples import EncodeFormat, ResizeMode, SampleSpec
 from .shards import OutputFormat
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-AUTO_THUMBNAIL, DEFAULT_THUMBNAIL = -1, 128  # thumbnails.size: -1 resolves when Settings is built
 ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
 Match = Literal["", "all", "any"]
 EventLoop = Literal["auto", "asyncio"]
@@ -125,12 +124,11 @@ class ThumbnailSettings(Checked):
     section = "thumbnails."
 
     size: int = setting(
-        -1,
-        "Thumbnail longest side; 0 = off; -1 = 128 with files output, off with shards.",
+        128,
+        "Thumbnail longest side; 0 = off (the default with webdataset and parquet output).",
         flag="--thumbnail-size",
         metavar="PX",
-        low=-1,
-        default_text="128, off with shards",
+        low=0,
     )
     executor: ThumbnailExecutor = setting(
         "auto",
@@ -456,9 +454,6 @@ class Settings(Checked):
         # The Python API builds Settings directly: a str path is fine, a str count is not.
         if isinstance(self.out, str):
             object.__setattr__(self, "out", Path(self.out))
-        if self.thumbnails.size == AUTO_THUMBNAIL:
-            size = 0 if self.dataset.shards else DEFAULT_THUMBNAIL
-            object.__setattr__(self, "thumbnails", dataclasses.replace(self.thumbnails, size=size))
         super().__post_init__()
 
     def check(self) -> None:

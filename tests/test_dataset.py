@@ -8,6 +8,8 @@ import gc
 import gzip
 import io
 import json
+import os
+import signal
 import tarfile
 import warnings
 from collections import Counter
@@ -20,14 +22,27 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from aiohttp import web
-from conftest import CONTRACT_BACKENDS, invoke, jpeg, make_settings, records
+from conftest import (
+    CONTRACT_BACKENDS,
+    by_index,
+    cli_args,
+    entry_key,
+    invoke,
+    jpeg,
+    launched,
+    make_settings,
+    records,
+    run_cli,
+    server_stats,
+    tree_after_lines,
+)
 from PIL import Image
 
 from downloader.errors import ConfigError
 from downloader.inputs import Columns, format_of, read_rows
 from downloader.pipeline import run
-from downloader.server import RunningServer, server_thread
-from downloader.settings import DatasetSettings, HttpSettings, Settings
+from downloader.server import RunningServer, make_app, server_thread
+from downloader.settings import DatasetSettings, HttpSettings, ServerSettings, Settings
 
 
 def png_rgba(size: tuple[int, int]) -> bytes:
@@ -289,3 +304,118 @@ def test_a_json_array_is_read_one_object_at_a_time(tmp_path: Path) -> None:
 def tar_names(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return tar.getnames()
+
+
+# ---------------------------------------------------------------------------- crash safety
+
+
+def read_tar_whole(path: Path) -> set[str]:
+    """Every member of ``path`` read to its end (a torn tar raises): the sample keys."""
+    with tarfile.open(path) as tar:
+        keys = set()
+        for member in tar:
+            blob = tar.extractfile(member)
+            assert blob is not None and len(blob.read()) == member.size
+            keys.add(member.name.split(".", 1)[0])
+    return keys
+
+
+def keys_by_shard(out: Path) -> dict[str, set[int]]:
+    return {p.name: {int(k) for k in read_tar_whole(p)} for p in shard_files(out, ".tar")}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "hybrid"])
+def test_kill_9_mid_shard_then_resume_loses_and_duplicates_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    count, size = 120, 20
+    out = tmp_path / "pic"
+    shard_args = ["--output-format", "webdataset", "--samples-per-shard", str(size)]
+    with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
+        args = [*cli_args(backend, server.base_url, out, count), *shard_args]
+        with launched(args, tmp_path) as proc:
+            tree_after_lines(out, 50, proc)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+
+        committed = keys_by_shard(out)  # every shard on disk reads whole
+        killed = by_index(records(out))
+        assert 50 <= len(killed) < count, "the kill should land mid-run"
+        assert committed, "some shard should be committed before the kill"
+        in_shards = set().union(*committed.values())
+        kept = {i for i, line in killed.items() if line["status"] == "ok" and i in in_shards}
+
+        before = server_stats(server)
+        resumed = run_cli([*args, "--resume"], tmp_path)
+        after = server_stats(server)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(kept)} kept" in resumed.stdout
+    final = keys_by_shard(out)
+    assert sorted(final) == [f"{k:05d}.tar" for k in range(count // size)]
+    for name, keys in final.items():  # each index in its own shard, exactly once
+        first = int(name[:5]) * size
+        assert keys == set(range(first, first + size)), name
+    lines = by_index(records(out))
+    assert sorted(lines) == list(range(count))
+    assert all(line["status"] == "ok" for line in lines.values())
+    again = {i for i in range(count) if after[entry_key(i)] != before[entry_key(i)]}
+    assert again == set(range(count)) - kept, "only what was not in a committed shard is fetched"
+    assert not list(out.glob(".*.part")), "the killed run's temp shards were swept"
+
+
+class Healing:
+    """``/heal/{i}``: the ``broken`` indices answer 404 until ``healed``; counts requests."""
+
+    def __init__(self, broken: set[int]) -> None:
+        self.broken, self.healed = broken, False
+        self.hits: Counter[int] = Counter()
+
+    def app(self) -> web.Application:
+        async def heal(request: web.Request) -> web.Response:
+            index = int(request.match_info["i"])
+            self.hits[index] += 1
+            if index in self.broken and not self.healed:
+                raise web.HTTPNotFound(text="not yet")
+            return web.Response(body=jpeg(index, (64, 48)), content_type="image/jpeg")
+
+        app = web.Application()
+        app.router.add_get("/heal/{i}", heal)
+        return app
+
+
+@pytest.mark.parametrize("backend", [b for b in ("threads", "processes", "dask") if b in CONTRACT_BACKENDS])
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_retry_failed_rewrites_only_the_shards_that_held_failures(
+    backend: str, fmt: str, tmp_path: Path
+) -> None:
+    site = Healing({2, 5})
+    out = tmp_path / "out"
+    suffix = ".tar" if fmt == "webdataset" else ".parquet"
+    with server_thread(site.app()) as server:
+        settings = make_settings(backend, out, server.base_url + "/heal/{i}", 15).replace(
+            dataset=DatasetSettings(output_format=fmt, samples_per_shard=5)
+        )
+        first = run(settings)
+        assert (first.ok, first.failed) == (13, 2)
+        untouched = (out / f"00002{suffix}").stat()
+        site.healed = True
+        hits = dict(site.hits)
+        again = run(settings.replace(retry_failed=True))
+
+    assert (again.ok, again.failed, again.skipped) == (2, 0, 13)
+    assert {i for i in range(15) if site.hits[i] != hits.get(i, 0)} == {2, 5}
+    after = (out / f"00002{suffix}").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (untouched.st_ino, untouched.st_mtime_ns)
+    for k in (0, 1):
+        if fmt == "webdataset":
+            keys = {int(key) for key in read_tar_whole(out / f"{k:05d}.tar")}
+            table = pq.read_table(out / f"{k:05d}.parquet")
+        else:
+            table = pq.read_table(out / f"{k:05d}.parquet")
+            keys = {int(r["key"]) for r in table.to_pylist() if r["jpg"] is not None}
+        assert keys == set(range(5 * k, 5 * k + 5))
+        assert sorted(int(r["key"]) for r in table.to_pylist()) == list(range(5 * k, 5 * k + 5))
+        assert {r["status"] for r in table.to_pylist()} == {"success"}
+        assert json.loads((out / f"{k:05d}_stats.json").read_text())["successes"] == 5
