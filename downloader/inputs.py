@@ -16,11 +16,13 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
-InputFormat = Literal["auto", "txt", "csv", "tsv", "json", "jsonl", "parquet"]
+if TYPE_CHECKING:
+    from .settings import DatasetSettings
+
 FORMATS: tuple[str, ...] = ("txt", "csv", "tsv", "json", "jsonl", "parquet")
 _BATCH = 4096  # parquet rows per batch: a few MB of URLs and captions at most
 
@@ -32,6 +34,11 @@ class Columns:
     url: str = "url"
     caption: str = ""
     additional: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, dataset: DatasetSettings) -> Columns:
+        extra = tuple(c for c in dataset.save_additional_columns.split(",") if c)
+        return cls(dataset.url_col, dataset.caption_col, extra)
 
     def wanted(self) -> list[str]:
         names = [self.url, *([self.caption] if self.caption else []), *self.additional]

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import resume, unique
 from .backends import Backend, get_backend
+from .inputs import Columns
 from .jobs import JobSource, Template, UrlList, stream
 from .lock import OutputLock
 from .manifest import ManifestWriter, intact_check, read_manifest
@@ -45,7 +46,7 @@ def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
     """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
     if settings.urls:
         dataset = settings.dataset
-        return UrlList(settings.urls, dataset.input_format, dataset.columns())
+        return UrlList(settings.urls, dataset.input_format, Columns.of(dataset))
     return template_for(settings, base_url)
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from .errors import InvalidImageError
+from .kinds import EncodeFormat, ResizeMode
 
-ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
-EncodeFormat = Literal["jpg", "png", "webp"]
+if TYPE_CHECKING:
+    from .settings import DatasetSettings
 PILLOW_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 WHITE = (255, 255, 255)
 
@@ -47,6 +48,20 @@ class SampleSpec:
     max_image_area: float = math.inf
     max_aspect_ratio: float = math.inf
     keep_original: bool = False
+
+    @classmethod
+    def of(cls, dataset: DatasetSettings) -> SampleSpec:
+        return cls(
+            resize_mode=dataset.resize_mode,
+            image_size=dataset.image_size,
+            resize_only_if_bigger=dataset.resize_only_if_bigger,
+            encode_format=dataset.encode_format,
+            encode_quality=dataset.encode_quality,
+            min_image_size=dataset.min_image_size,
+            max_image_area=dataset.max_image_area,
+            max_aspect_ratio=dataset.max_aspect_ratio,
+            keep_original=dataset.output_format == "files",
+        )
 
     @property
     def ext(self) -> str:

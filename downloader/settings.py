@@ -26,9 +26,7 @@ from .backends import BACKENDS as BACKENDS
 from .backends import BackendName
 from .declare import Checked, Setting, check, hints, meta_of, setting
 from .errors import ConfigError
-from .inputs import Columns, InputFormat
-from .samples import EncodeFormat, ResizeMode, SampleSpec
-from .shards import OutputFormat
+from .kinds import EncodeFormat, InputFormat, OutputFormat, ResizeMode
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
 ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
@@ -292,23 +290,6 @@ class DatasetSettings(Checked):
     @property
     def shards(self) -> bool:
         return self.output_format != "files"
-
-    def columns(self) -> Columns:
-        extra = tuple(c for c in self.save_additional_columns.split(",") if c)
-        return Columns(self.url_col, self.caption_col, extra)
-
-    def sample_spec(self) -> SampleSpec:
-        return SampleSpec(
-            resize_mode=self.resize_mode,
-            image_size=self.image_size,
-            resize_only_if_bigger=self.resize_only_if_bigger,
-            encode_format=self.encode_format,
-            encode_quality=self.encode_quality,
-            min_image_size=self.min_image_size,
-            max_image_area=self.max_image_area,
-            max_aspect_ratio=self.max_aspect_ratio,
-            keep_original=not self.shards,
-        )
 
     def check(self) -> None:
         check(bool(self.url_col.strip()), "dataset.url_col must name a column")

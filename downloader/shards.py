@@ -23,12 +23,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from .result import Result
 from .storage import temp_path
 
-OutputFormat = Literal["files", "webdataset", "parquet"]
 SHARD_FORMATS = ("webdataset", "parquet")
 KEY_DIGITS = 9
 _SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}

@@ -66,7 +66,7 @@ def cpu_stage(settings: Settings) -> CpuStage:
 def sample_spec(settings: Settings) -> SampleSpec | None:
     """What the CPU stage makes of each image beyond checking it: None when the
     downloaded bytes are kept as they are (the files output, no resize, no filter)."""
-    spec = settings.dataset.sample_spec()
+    spec = SampleSpec.of(settings.dataset)
     if settings.dataset.shards or spec.resize_mode != "no" or spec.filters():
         return spec
     return None
