@@ -4,6 +4,7 @@ X-Robots-Tag opt-out; input tables in every format."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import gzip
 import io
@@ -419,3 +420,37 @@ def test_retry_failed_rewrites_only_the_shards_that_held_failures(
         assert sorted(int(r["key"]) for r in table.to_pylist()) == list(range(5 * k, 5 * k + 5))
         assert {r["status"] for r in table.to_pylist()} == {"success"}
         assert json.loads((out / f"{k:05d}_stats.json").read_text())["successes"] == 5
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+async def test_a_service_job_builds_shards_and_serves_them(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from downloader.config import load_settings
+    from downloader.service.app import make_app as service_app
+
+    settings = load_settings(environ={}, overrides={"service.data": tmp_path / "data"})
+    body = {
+        "count": 7, "local": True, "thumbnails": {"size": 32},
+        "dataset": {"output_format": "webdataset", "samples_per_shard": 5},
+    }  # fmt: skip
+    async with TestClient(TestServer(service_app(settings))) as client:
+        created = await client.post("/api/v1/jobs", json=body)
+        assert created.status == 201, await created.text()
+        job = await created.json()
+        deadline = asyncio.get_running_loop().time() + 60
+        while job["state"] not in ("done", "failed", "cancelled"):
+            assert asyncio.get_running_loop().time() < deadline, job
+            await asyncio.sleep(0.05)
+            job = await (await client.get(f"/api/v1/jobs/{job['id']}")).json()
+        assert (job["state"], job["ok"]) == ("done", 7)
+        lines = (await (await client.get(f"/api/v1/jobs/{job['id']}/manifest")).text()).splitlines()
+        first = json.loads(lines[0])
+        shard = await client.get(f"/files/{job['id']}/{first['path']}")
+        assert shard.status == 200
+        with tarfile.open(fileobj=io.BytesIO(await shard.read())) as tar:
+            assert any(name.endswith(".jpg") for name in tar.getnames())
+        thumb = await client.get(f"/files/{job['id']}/{first['thumbnail']}")  # the gallery's
+        assert thumb.status == 200 and (await thumb.read()).startswith(b"\xff\xd8")
