@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import resume, unique
 from .backends import Backend, get_backend
+from .errors import StorageFaultError
 from .inputs import Columns
 from .jobs import JobSource, Template, UrlList, stream
 from .lock import OutputLock
@@ -19,9 +20,9 @@ from .manifest import ManifestWriter, intact_check, read_manifest
 from .record import Observer, Recorder
 from .result import Report
 from .settings import Settings
-from .shards import ShardSet
+from .shards import ShardSet, shard_fault
 from .stop import StopToken, stopped_by_signals
-from .storage import prepare_out, storage_fault, sweep_temps
+from .storage import prepare_out, sweep_temps
 
 
 def template_for(settings: Settings, base_url: str | None = None) -> Template:
@@ -159,8 +160,8 @@ def _closing(shards: ShardSet | None, report: Report, stop: StopToken) -> Iterat
     try:
         shards.close()
     except OSError as exc:
-        report.fault = storage_fault(exc, shards.out) or f"cannot write a shard: {exc}"
-        stop.set(report.fault)
+        report.fault = shard_fault(exc, shards.out)
+        stop.set(str(StorageFaultError(report.fault)))
         shards.close(commit=False)
 
 

@@ -9,9 +9,8 @@ from typing import Protocol
 from .errors import StorageFaultError
 from .manifest import ManifestWriter
 from .result import Report, Result
-from .shards import ShardSet
+from .shards import ShardSet, shard_fault
 from .stop import StopToken
-from .storage import storage_fault
 
 
 class Observer(Protocol):
@@ -76,6 +75,6 @@ class Recorder:
             try:
                 shards.add(result)
             except OSError as exc:
-                fault = storage_fault(exc, shards.out) or f"cannot write a shard: {exc}"
+                fault = shard_fault(exc, shards.out)
                 return dataclasses.replace(result, sample=None, fault=fault)
         return dataclasses.replace(result, sample=None)

@@ -68,8 +68,10 @@ class SampleSpec:
         return "." + self.encode_format
 
     def filters(self) -> bool:
-        return bool(self.min_image_size) or math.isfinite(self.max_image_area) or math.isfinite(
-            self.max_aspect_ratio
+        return (
+            bool(self.min_image_size)
+            or math.isfinite(self.max_image_area)
+            or math.isfinite(self.max_aspect_ratio)
         )
 
 
@@ -80,9 +82,7 @@ def check_size(width: int, height: int, spec: SampleSpec) -> None:
     if width * height > spec.max_image_area:
         raise FilteredError(f"image area too large: {width}x{height} > {spec.max_image_area:g}")
     if max(width, height) / max(1, min(width, height)) > spec.max_aspect_ratio:
-        raise FilteredError(
-            f"aspect ratio too large: {width}x{height} > {spec.max_aspect_ratio:g}"
-        )
+        raise FilteredError(f"aspect ratio too large: {width}x{height} > {spec.max_aspect_ratio:g}")
 
 
 def resized_size(width: int, height: int, spec: SampleSpec) -> tuple[int, int] | None:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import StorageFault
 from .result import Result
-from .storage import temp_path
+from .storage import storage_fault, temp_path
 
 SHARD_FORMATS = ("webdataset", "parquet")
 KEY_DIGITS = 9
@@ -67,6 +68,13 @@ def metadata_row(result: Result, caption: bool) -> dict[str, Any]:
         sha256=result.sha256,
     )
     return row
+
+
+def shard_fault(exc: OSError, out: Path) -> StorageFault:
+    """A shard that cannot be written stops the run: the rows of its range are in no
+    committed shard, so going on would only fetch what --resume fetches again."""
+    fault = storage_fault(exc, out)
+    return fault or StorageFault(f"cannot write a shard in {out}: {exc.strerror or exc}", "fix it")
 
 
 def need_pyarrow() -> Any:
@@ -268,9 +276,11 @@ def _schema(pa: Any, rows: list[dict[str, Any]]) -> Any:
         "sha256": pa.string(),
     }  # fmt: skip
     names = list(rows[0]) if rows else list(fixed)
-    inferred = pa.Table.from_pylist(
-        [{k: v for k, v in r.items() if k not in fixed} for r in rows]
-    ).schema if rows else pa.schema([])
+    inferred = (
+        pa.Table.from_pylist([{k: v for k, v in r.items() if k not in fixed} for r in rows]).schema
+        if rows
+        else pa.schema([])
+    )
     fields = []
     for name in names:
         if name in fixed:
@@ -341,9 +351,7 @@ def shard_keys(path: Path) -> frozenset[str]:
         if path.suffix == ".tar":
             with tarfile.open(path) as tar:
                 return frozenset(m.name.split(".", 1)[0] for m in tar if "." in m.name)
-        return frozenset(
-            row["key"] for row, data, _ in read_shard(path) if data is not None
-        )
+        return frozenset(row["key"] for row, data, _ in read_shard(path) if data is not None)
     except (OSError, tarfile.TarError, ValueError, KeyError):
         return frozenset()  # unreadable: nothing in it is kept
 
@@ -426,4 +434,3 @@ class ShardSet:
                 self._commit(shard)
             else:
                 self._open.pop(shard).abort()
-

@@ -28,9 +28,9 @@ from ..errors import ClusterUnreachableError, StorageError
 from ..jobs import Job
 from ..result import Result
 from ..settings import Settings
-from ..shards import ShardWriter
+from ..shards import ShardWriter, shard_fault
 from ..stop import StopToken
-from ..storage import check_writable, storage_fault
+from ..storage import check_writable
 from .base import Emit
 from .pools import chunked
 
@@ -80,7 +80,7 @@ def write_shard(jobs: list[Job], results: list[Result], settings: Settings) -> l
         writer.commit()
     except OSError as exc:
         writer.abort()
-        fault = storage_fault(exc, settings.out) or f"cannot write a shard: {exc}"
+        fault = shard_fault(exc, settings.out)
         return [dataclasses.replace(r, fault=fault) for r in lean]
     return lean
 
