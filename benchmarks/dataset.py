@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import Table, code_version, find_tool, image_server, machine_info, median, warm
 
-from downloader.usage import Measured, measure
+from downloader.usage import Measured, become_subreaper, measure
 
 SIZE, PER_SHARD, POOL = 256, 1000, 40
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img2dataset", help="path of img2dataset [beside python / PATH]")
     p.add_argument("--out-root", default="/var/tmp", help="where the shards go (a disk)")
     args = p.parse_args(argv)
+    if not become_subreaper():  # forkserver children are counted only when reaped here
+        print("warning: not a subreaper: CPU of orphaned workers is missed", file=sys.stderr)
 
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -114,11 +114,16 @@ def make_sample(
     if target is not None:
         shrink = target[0] < img.width
         method = Image.Resampling.BOX if shrink else Image.Resampling.LANCZOS
-        out = _mode_for_resize(img).resize(target, method)
+        source = _mode_for_resize(img)
         if spec.resize_mode == "center_crop":
-            out = _center_crop(out, spec.image_size)
-        elif spec.resize_mode == "border":
-            out = _border(out, spec.image_size)
+            # The centre square scaled to S x S is the crop of the scaled image, and only
+            # its pixels are resampled (a quarter less work from 4:3).
+            size = spec.image_size
+            out = source.resize((size, size), method, box=_center_square(source))
+        else:
+            out = source.resize(target, method)
+            if spec.resize_mode == "border":
+                out = _border(out, spec.image_size)
     return encode(out, spec.encode_format, spec.encode_quality), out.width, out.height
 
 
@@ -130,10 +135,10 @@ def _mode_for_resize(img: Image.Image) -> Image.Image:
     return img.convert("RGBA" if "A" in img.getbands() else "RGB")
 
 
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
-    left = max(0, (img.width - size) // 2)
-    top = max(0, (img.height - size) // 2)
-    return img.crop((left, top, left + min(size, img.width), top + min(size, img.height)))
+def _center_square(img: Image.Image) -> tuple[float, float, float, float]:
+    side = min(img.width, img.height)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    return (left, top, left + side, top + side)
 
 
 def _border(img: Image.Image, size: int) -> Image.Image:
