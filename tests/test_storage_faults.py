@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -653,3 +654,37 @@ def test_a_missing_folder_is_a_fault_only_when_out_is_gone(tmp_path: Path) -> No
     assert (
         fault_text(storage_fault(missing, out)) == f"the output folder {out} was removed: {RESUME}"
     )
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "processes"])
+def test_a_full_disk_mid_shard_stops_the_run_and_resume_completes_the_shards(
+    backend: str, tmp_path: Path
+) -> None:
+    count, size = 120, 20  # ~19 KiB a 320x240 sample: 1 MiB holds a few shards, not six
+    with (
+        tmpfs(tmp_path / "small", "1m") as small,
+        server_thread(make_app(ServerSettings(seed=2))) as server,
+    ):
+        out = small / "pic"
+        args = cli_args(server.base_url, out, count, backend, concurrency=4)
+        args[args.index("--size") + 1] = "320x240"
+        args += ["--output-format", "webdataset", "--samples-per-shard", str(size)]
+        full = run_cli(args, tmp_path, ENV)
+        assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
+        committed = sorted(p.name for p in out.glob("*.tar"))
+        assert len(committed) < count // size
+        for name in committed:  # every shard there is whole
+            with tarfile.open(out / name) as tar:
+                assert len([m for m in tar if m.name.endswith(".jpg")]) == size, name
+        assert not list(out.glob(".*.part")), "the open shards were dropped"
+
+        remount(small, "size=64m")
+        resumed = run_cli([*args, "--resume"], tmp_path, ENV)
+        assert resumed.returncode == 0, resumed.stderr
+        shards = sorted(out.glob("*.tar"))
+        assert [p.name for p in shards] == [f"{k:05d}.tar" for k in range(count // size)]
+        keys: list[int] = []
+        for path in shards:
+            with tarfile.open(path) as tar:
+                keys += [int(m.name.split(".")[0]) for m in tar if m.name.endswith(".jpg")]
+        assert sorted(keys) == list(range(count))  # each index once, in one committed shard
