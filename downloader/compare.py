@@ -26,9 +26,10 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
+from .backends import BACKENDS
 from .config import build, coerce, flatten, load_settings
 from .errors import ConfigError
-from .settings import BACKENDS, Settings
+from .settings import Settings
 
 
 @dataclass(frozen=True)

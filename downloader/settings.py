@@ -21,16 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .backends import BACKENDS as BACKENDS
-from .backends import BackendName
+from .choices import BACKEND_NAMES, BackendName, EventLoop, Match, ThumbnailExecutor, Verify
 from .declare import Checked, Setting, check, hints, meta_of, setting
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
-Match = Literal["", "all", "any"]
-EventLoop = Literal["auto", "asyncio"]
-Verify = Literal["full", "header"]
 
 # The built-in server's fault kinds, in the order their rates are stacked: each is a
 # ``server.<kind>_rate`` setting, a ``--<kind>-rate`` flag and a behaviour of the server.
@@ -260,7 +255,7 @@ class ServiceSettings(Checked):
 class Settings(Checked):
     count: int = setting(10, "How many images to fetch.", flag="--count", short="-n", low=1)
     backend: BackendName = setting(
-        "asyncio", f"Concurrency backend: {', '.join(BACKENDS)}.", flag="--backend"
+        "asyncio", f"Concurrency backend: {', '.join(BACKEND_NAMES)}.", flag="--backend"
     )
     url: str = setting(
         DEFAULT_URL,

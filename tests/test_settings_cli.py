@@ -11,11 +11,11 @@ from conftest import invoke
 
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import BackendName
+from downloader.choices import BACKEND_NAMES as BACKENDS
 from downloader.cli import main
 from downloader.config import default_config_text, flatten, load_settings
 from downloader.errors import ConfigError
 from downloader.settings import (
-    BACKENDS,
     DEFAULT_URL,
     FAULTS,
     ServerSettings,
