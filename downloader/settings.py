@@ -354,17 +354,6 @@ class Settings(Checked):
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    @property
-    def stage_executor(self) -> Literal["thread", "process", "inline"]:
-        """``thumbnails.executor`` with ``auto`` decided: inline when the CPU stage decodes
-        no pixels (a header check and a hash cost less than the hop to a thread and back:
-        figure in benchmarks/README.md), else a thread pool."""
-        thumbs = self.thumbnails
-        if thumbs.executor != "auto":
-            return thumbs.executor
-        light = thumbs.size == 0 and self.verify == "header" and not thumbs.python_cpu_ms
-        return "inline" if light else "thread"
-
 
 # ---------------------------------------------------------------------------- declarations
 
