@@ -29,6 +29,7 @@ from typing import Any
 from .backends import BACKENDS
 from .config import build, coerce, flatten, load_settings
 from .errors import ConfigError
+from .jobs import template_for
 from .settings import Settings
 
 
@@ -317,8 +318,6 @@ def compare(
     on_run: Callable[[Run], None] | None = None,
 ) -> list[Row]:
     """Run each backend ``repeat`` times on ``settings``' workload; rows in input order."""
-    from .pipeline import template_for
-
     rows = {name: Row(name) for name in backends}
     with (
         tempfile.TemporaryDirectory(prefix="downloader-compare-") as scratch,

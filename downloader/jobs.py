@@ -1,4 +1,5 @@
-"""Jobs: what to fetch. A URL template or a URL list expands lazily into ``Job(index, url)``."""
+"""Jobs: what to fetch. A URL template or a URL list expands lazily into ``Job(index, url)``;
+``source_for`` makes the one the settings ask for."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .stop import StopToken
@@ -288,3 +290,31 @@ def _chain(first: str, fh: IO[str]) -> Iterator[str]:
     if first:
         yield first
         yield from fh
+
+
+# ---------------------------------------------------------------------------- from settings
+
+
+def template_for(settings: Settings, base_url: str | None = None) -> Template:
+    """The validated URL template; with ``base_url`` its scheme and host are replaced."""
+    text = settings.url
+    if base_url is not None:
+        parts = urlsplit(text)
+        base = urlsplit(base_url)
+        text = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, parts.fragment))
+    return Template(
+        text,
+        settings.width,
+        settings.height,
+        settings.keywords,
+        count=settings.count,
+        gray=settings.gray,
+        match=settings.match,
+    )
+
+
+def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
+    """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
+    if settings.urls:
+        return UrlList(settings.urls)
+    return template_for(settings, base_url)
