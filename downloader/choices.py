@@ -13,3 +13,4 @@ ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
 Match = Literal["", "all", "any"]
 EventLoop = Literal["auto", "asyncio"]
 Verify = Literal["full", "header"]
+ScenarioName = Literal["io", "cpu", "gil", "all"]  # download compare --scenario

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compare import Outcome, Row, Scenario
+from .compare import Outcome, Row
 from .errors import ConfigError
 from .placement import placement
+from .scenarios import Scenario
 from .settings import Settings
 
 COLUMNS = (

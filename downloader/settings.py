@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .choices import BACKEND_NAMES, BackendName, EventLoop, Match, ThumbnailExecutor, Verify
-from .declare import Checked, Setting, check, hints, meta_of, setting
+from .declare import Checked, Setting, bare, check, hints, meta_of, setting
 from .errors import ConfigError
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
@@ -371,7 +371,7 @@ class Declared:
     """One setting as the loaders and the CLI see it."""
 
     key: str  # dotted: "http.timeout"
-    kind: Any  # int, float, str, bool, Path, or a Literal
+    kind: Any  # int, float, str, bool, Path, or a Literal (without "| None": ``bare``)
     default: Any
     meta: Setting
 
@@ -386,16 +386,18 @@ class Declared:
 
 def declared() -> Iterator[Declared]:
     """Every setting, top-level keys first, then each section's."""
-    yield from _declared(Settings, "")
+    yield from declarations(Settings)
     for section, cls in SECTIONS.items():
-        yield from _declared(cls, f"{section}.")
+        yield from declarations(cls, f"{section}.")
 
 
-def _declared(cls: Any, prefix: str) -> Iterator[Declared]:
+def declarations(cls: Any, prefix: str = "") -> Iterator[Declared]:
+    """The settings declared in the dataclass ``cls`` (a section, or a command's own
+    options such as ``scenarios.CompareSettings``), their keys under ``prefix``."""
     for spec in dataclasses.fields(cls):
         meta = meta_of(cls, spec.name)
         if meta is not None:
-            yield Declared(prefix + spec.name, hints(cls)[spec.name], spec.default, meta)
+            yield Declared(prefix + spec.name, bare(hints(cls)[spec.name]), spec.default, meta)
 
 
 @functools.cache
