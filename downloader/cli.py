@@ -8,7 +8,7 @@ interrupted run exits 130.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +17,8 @@ import click
 from .config import load_settings
 from .errors import RESUME, ConfigError
 from .outcome import ExitCode, for_report, guarded
-from .settings import Declared, Settings, declared
+from .scenarios import CompareSettings, Scenario
+from .settings import Declared, Settings, declarations, declared
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,13 +41,15 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return width, height
 
 
-def setting_options(command: str, prefix: str = "") -> Callable[[F], F]:
-    """The click options of ``command``, made from the settings' declarations: flag, type,
-    help and ``[default: ...]`` come from ``settings.setting()``. A flag left out is None,
-    so the config file and the environment below it still count."""
+def setting_options(
+    command: str, prefix: str = "", items: Iterable[Declared] | None = None
+) -> Callable[[F], F]:
+    """The click options of ``command``, made from the settings' declarations (or
+    ``items``): flag, type, help and ``[default: ...]`` come from ``settings.setting()``.
+    A flag left out is None, so the config file and the environment below it still count."""
 
     def decorate(func: F) -> F:
-        for item in reversed(list(declared())):
+        for item in reversed(list(declared() if items is None else items)):
             if item.meta.flag is not None and command in item.meta.commands:
                 func = _option(item, prefix if item.key.startswith("server.") else "")(func)
         return func
@@ -80,10 +83,12 @@ def _dest(key: str) -> str:
     return key.replace(".", "__")
 
 
-def setting_overrides(command: str, options: dict[str, Any]) -> dict[str, Any]:
+def setting_overrides(
+    command: str, options: dict[str, Any], items: Iterable[Declared] | None = None
+) -> dict[str, Any]:
     """The values of ``command``'s setting flags as dotted overrides (None: not given)."""
     overrides: dict[str, Any] = {}
-    for item in declared():
+    for item in declared() if items is None else items:
         value = options.get(_dest(item.key))
         if item.meta.flag is None or command not in item.meta.commands:
             continue
@@ -243,42 +248,7 @@ submit.params.extend(param for param in main.params if param.name not in {"versi
 
 
 @main.command()
-@click.option("-n", "--count", type=int, help="Images per run. [default: scenario's, or 200]")
-@click.option(
-    "--backends",
-    help="Comma-separated backends to compare. [default: sync,threads,asyncio,processes,hybrid, "
-    "and dask when distributed is installed]",
-)
-@click.option(
-    "--scenario",
-    type=click.Choice(["io", "cpu", "gil", "all"]),
-    help="io: 200 ms latency, 320x240, 100 connections. cpu: no latency, 1920x1080, "
-    "8 connections, so thumbnails dominate. gil: no latency, 320x240, 8 connections, and "
-    "--python-cpu-ms of pure-Python work per image that holds the GIL (run in a thread by "
-    "threads and asyncio). all: the three, one after another. Flags given as well win.",
-)
-@click.option(
-    "--local/--no-local", default=True, show_default=True, help="Use the built-in server."
-)
-@click.option("--latency-ms", type=float, help="Simulated latency per image (built-in server).")
-@click.option("--size", metavar="WxH", help="Image size.")
-@click.option("--concurrency", type=int, help="Downloads in flight for every backend.")
-@click.option("--thumbnail-size", type=int, metavar="PX", help="Thumbnail size; 0 = off.")
-@click.option(
-    "--python-cpu-ms",
-    type=int,
-    metavar="MS",
-    help="Pure-Python CPU work per image that holds the GIL, a stand-in for your own code "
-    "(thumbnails.python_cpu_ms). [default: 20 with --scenario gil, else 0]",
-)
-@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write raw numbers.")
-@click.option(
-    "--chart",
-    type=click.Path(path_type=Path),
-    help="Write a PNG bar chart (with --scenario all: the three side by side).",
-)
-@click.option("--keep", type=click.Path(path_type=Path), help="Keep each run's output here.")
+@setting_options("compare", items=declarations(CompareSettings))
 @click.pass_context
 def compare(ctx: click.Context, /, **options: Any) -> int:
     """Run several backends on the same workload and print a table side by side.
@@ -290,34 +260,22 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     from . import compare as comparing
     from . import scoreboard
 
-    if options["chart"] is not None:
+    given = setting_overrides("compare", options, declarations(CompareSettings))
+    wanted = CompareSettings(**{key: value for key, value in given.items() if value is not None})
+    if wanted.chart is not None:
         scoreboard.check_chart_dependency()
-    outputs = tuple(p for p in (options["json_path"], options["chart"]) if p is not None)
-    request = comparing.Request(
-        scenario=options["scenario"],
-        backends=options["backends"],
-        count=options["count"],
-        local=options["local"],
-        latency_ms=options["latency_ms"],
-        size=_size(options["size"]),
-        concurrency=options["concurrency"],
-        thumbnail_size=options["thumbnail_size"],
-        python_cpu_ms=options["python_cpu_ms"],
-        repeat=options["repeat"],
-        keep=options["keep"],
-        outputs=outputs,
-        config=(ctx.obj or {}).get("config"),
-    )
+    config = (ctx.obj or {}).get("config")
+    request = comparing.Request(wanted, _size(wanted.size), config)
 
-    def progress(scenario: comparing.Scenario | None, run: comparing.Run) -> None:
+    def progress(scenario: Scenario | None, run: comparing.Run) -> None:
         name = f"{scenario.name}: " if scenario else ""
         click.echo(f"  {name}{run.backend} run {run.repeat + 1}: {run.wall_s:.2f} s", err=True)
 
     outcomes = comparing.run_plan(comparing.plan(request), progress)
     for outcome in outcomes:
         click.echo(scoreboard.render(outcome))
-    if options["json_path"] is not None:
-        scoreboard.write_json(outcomes, options["json_path"])
-    if options["chart"] is not None:
-        scoreboard.write_chart(outcomes, options["chart"])
+    if wanted.json is not None:
+        scoreboard.write_json(outcomes, wanted.json)
+    if wanted.chart is not None:
+        scoreboard.write_chart(outcomes, wanted.chart)
     return ExitCode.OK if not any(outcome.failed for outcome in outcomes) else ExitCode.FAILED

@@ -26,46 +26,12 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
+from .backends import BACKENDS
 from .config import build, coerce, flatten, load_settings
 from .errors import ConfigError
-from .settings import BACKENDS, Settings
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A preset for the classic question, and the classic answer to hold it against."""
-
-    name: str
-    count: int
-    latency_ms: float
-    size: tuple[int, int]
-    concurrency: int
-    advised: str  # the backend the classic advice picks
-    advised_for: str  # the advice's own words
-    python_cpu_ms: int = 0
-    executor: str | None = None  # thumbnails.executor; None = the configured one
-
-
-SCENARIOS: dict[str, Scenario] = {
-    # Slow network, small images, many connections.
-    "io": Scenario("io", 200, 200.0, (320, 240), 100, "asyncio", "slow I/O with many connections"),
-    # No latency, large images, so the thumbnail stage (Pillow, which releases the GIL) dominates.
-    "cpu": Scenario("cpu", 400, 0.0, (1920, 1080), 8, "processes", "CPU-bound work"),
-    # Pure-Python work per image that holds the GIL, run where threads and asyncio run the
-    # thumbnail: in a thread (the worker thread, or asyncio's executor).
-    "gil": Scenario(
-        "gil",
-        200,
-        0.0,
-        (320, 240),
-        8,
-        "processes",
-        "CPU-bound work that holds the GIL",
-        python_cpu_ms=20,
-        executor="thread",
-    ),
-}
-ALL = "all"
+from .jobs import template_for
+from .scenarios import ALL, SCENARIOS, CompareSettings, Scenario
+from .settings import Settings
 
 
 @dataclass
@@ -119,20 +85,10 @@ class Row:
 
 @dataclass(frozen=True)
 class Request:
-    """``download compare``'s options, as given (None: not given)."""
+    """What ``download compare`` was asked: its options, ``--size`` and the config file."""
 
-    scenario: str | None = None  # a SCENARIOS name, ALL, or None for a custom workload
-    backends: str | None = None
-    count: int | None = None
-    local: bool = True
-    latency_ms: float | None = None
+    options: CompareSettings = field(default_factory=CompareSettings)
     size: tuple[int, int] | None = None
-    concurrency: int | None = None
-    thumbnail_size: int | None = None
-    python_cpu_ms: int | None = None
-    repeat: int = 1
-    keep: Path | None = None
-    outputs: tuple[Path, ...] = ()  # files to be written afterwards (JSON, chart)
     config: Path | None = None
 
 
@@ -160,36 +116,38 @@ class Plan:
 
 def plan(request: Request) -> Plan:
     """Check every option before anything runs; one Settings per scenario."""
-    if request.scenario == ALL:
+    options = request.options
+    if options.scenario == ALL:
         scenarios: list[Scenario | None] = list(SCENARIOS.values())
     else:
-        scenarios = [SCENARIOS[request.scenario] if request.scenario else None]
+        scenarios = [SCENARIOS[options.scenario] if options.scenario else None]
     workloads = [(scenario, _settings(request, scenario)) for scenario in scenarios]
-    backends = [name.strip() for name in (request.backends or default_backends()).split(",")]
+    backends = [name.strip() for name in (options.backends or default_backends()).split(",")]
     backends = [name for name in backends if name]
     for name in backends:
         if name not in BACKENDS:
             raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    for path in request.outputs:
+    for path in options.outputs:
         if not path.parent.is_dir():
             raise ConfigError(f"cannot write {path}: {path.parent} is not a folder")
-    if request.keep is not None:
+    if options.keep is not None:
         from .storage import check_writable
 
-        check_writable(request.keep)
-    return Plan(workloads, backends, request.repeat, request.keep)
+        check_writable(options.keep)
+    return Plan(workloads, backends, options.repeat, options.keep)
 
 
 def _settings(request: Request, scenario: Scenario | None) -> Settings:
+    given = request.options
     size = request.size or (scenario.size if scenario else None)
     overrides: dict[str, Any] = {
-        "count": _first(request.count, scenario.count if scenario else 200),
-        "local": request.local,
-        "server.latency_ms": _first(request.latency_ms, scenario.latency_ms if scenario else None),
-        "http.concurrency": _first(request.concurrency, scenario.concurrency if scenario else None),
-        "thumbnails.size": request.thumbnail_size,
+        "count": _first(given.count, scenario.count if scenario else 200),
+        "local": given.local,
+        "server.latency_ms": _first(given.latency_ms, scenario.latency_ms if scenario else None),
+        "http.concurrency": _first(given.concurrency, scenario.concurrency if scenario else None),
+        "thumbnails.size": given.thumbnail_size,
         "thumbnails.python_cpu_ms": _first(
-            request.python_cpu_ms, scenario.python_cpu_ms if scenario else None
+            given.python_cpu_ms, scenario.python_cpu_ms if scenario else None
         ),
         "thumbnails.executor": scenario.executor if scenario else None,
         "progress": False,
@@ -316,8 +274,6 @@ def compare(
     on_run: Callable[[Run], None] | None = None,
 ) -> list[Row]:
     """Run each backend ``repeat`` times on ``settings``' workload; rows in input order."""
-    from .pipeline import template_for
-
     rows = {name: Row(name) for name in backends}
     with (
         tempfile.TemporaryDirectory(prefix="downloader-compare-") as scratch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,20 @@ def meta_of(cls: Any, name: str) -> Setting | None:
     return meta
 
 
+def bare(kind: Any) -> Any:
+    """``kind`` without its ``| None``: an option that may be left out (None: not given)
+    has the type of the value it takes when given."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        given = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if len(given) == 1:
+            return given[0]
+    return kind
+
+
 def _validate(key: str, kind: Any, value: Any, meta: Setting) -> None:
+    if value is None and bare(kind) is not kind:
+        return  # not given
+    kind = bare(kind)
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         if value not in choices:

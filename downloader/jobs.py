@@ -1,4 +1,5 @@
-"""Jobs: what to fetch. A URL template or a URL list expands lazily into ``Job(index, url)``."""
+"""Jobs: what to fetch. A URL template or a URL list expands lazily into ``Job(index, url)``;
+``source_for`` makes the one the settings ask for."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 from .inputs import Columns, format_of, read_rows
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .stop import StopToken
@@ -248,3 +250,32 @@ class UrlList:
     def urls_for(self, indices: Collection[int]) -> dict[int, str]:
         wanted = set(indices)
         return {job.index: job.url for job in self.jobs() if job.index in wanted}
+
+
+# ---------------------------------------------------------------------------- from settings
+
+
+def template_for(settings: Settings, base_url: str | None = None) -> Template:
+    """The validated URL template; with ``base_url`` its scheme and host are replaced."""
+    text = settings.url
+    if base_url is not None:
+        parts = urlsplit(text)
+        base = urlsplit(base_url)
+        text = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, parts.fragment))
+    return Template(
+        text,
+        settings.width,
+        settings.height,
+        settings.keywords,
+        count=settings.count,
+        gray=settings.gray,
+        match=settings.match,
+    )
+
+
+def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
+    """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
+    if settings.urls:
+        dataset = settings.dataset
+        return UrlList(settings.urls, dataset.input_format, Columns.of(dataset))
+    return template_for(settings, base_url)

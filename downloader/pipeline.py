@@ -8,13 +8,11 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from . import resume, unique
 from .backends import Backend, get_backend
 from .errors import StorageFaultError
-from .inputs import Columns
-from .jobs import JobSource, Template, UrlList, stream
+from .jobs import JobSource, source_for, stream
 from .lock import OutputLock
 from .manifest import ManifestWriter, intact_check, read_manifest
 from .record import Observer, Recorder
@@ -23,32 +21,6 @@ from .settings import Settings
 from .shards import ShardSet, shard_fault
 from .stop import StopToken, stopped_by_signals
 from .storage import prepare_out, sweep_temps
-
-
-def template_for(settings: Settings, base_url: str | None = None) -> Template:
-    """The validated URL template; with ``base_url`` its scheme and host are replaced."""
-    text = settings.url
-    if base_url is not None:
-        parts = urlsplit(text)
-        base = urlsplit(base_url)
-        text = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, parts.fragment))
-    return Template(
-        text,
-        settings.width,
-        settings.height,
-        settings.keywords,
-        count=settings.count,
-        gray=settings.gray,
-        match=settings.match,
-    )
-
-
-def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
-    """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
-    if settings.urls:
-        dataset = settings.dataset
-        return UrlList(settings.urls, dataset.input_format, Columns.of(dataset))
-    return template_for(settings, base_url)
 
 
 @contextlib.contextmanager

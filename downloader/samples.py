@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from .choices import EncodeFormat, ResizeMode
 from .errors import InvalidImageError
-from .kinds import EncodeFormat, ResizeMode
 
 if TYPE_CHECKING:
     from .settings import DatasetSettings

@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compare import Outcome, Row, Scenario
+from .compare import Outcome, Row
 from .errors import ConfigError
+from .placement import placement
+from .scenarios import Scenario
 from .settings import Settings
 
 COLUMNS = (
@@ -39,7 +41,7 @@ def title(outcome: Outcome) -> str:
         text += (
             f", + {settings.thumbnails.python_cpu_ms} ms of pure-Python CPU per image holding "
             f"the GIL (a stand-in for user code; threads and asyncio run it in "
-            f"{settings.stage_executor} executors)"
+            f"{placement(settings, 'asyncio').cpu} executors)"
         )
     return text
 
@@ -133,7 +135,7 @@ def to_json(outcome: Outcome) -> dict[str, Any]:
         "latency_ms": settings.server.latency_ms if settings.local else None,
         "concurrency": settings.http.concurrency,
         "thumbnail_size": settings.thumbnails.size,
-        "thumbnail_executor": settings.stage_executor,
+        "thumbnail_executor": placement(settings, "asyncio").cpu,
         "python_cpu_ms": settings.thumbnails.python_cpu_ms,
         "closing_line": closing_line(outcome),
         "advice": _advice_json(outcome),

@@ -22,17 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .backends import BACKENDS as BACKENDS
-from .backends import BackendName
-from .declare import Checked, Setting, check, hints, meta_of, setting
+from .choices import (
+    BACKEND_NAMES,
+    BackendName,
+    EncodeFormat,
+    EventLoop,
+    InputFormat,
+    Match,
+    OutputFormat,
+    ResizeMode,
+    ThumbnailExecutor,
+    Verify,
+)
+from .declare import Checked, Setting, bare, check, hints, meta_of, setting
 from .errors import ConfigError
-from .kinds import EncodeFormat, InputFormat, OutputFormat, ResizeMode
 
 DEFAULT_URL = "https://loremflickr.com/{width}/{height}/{keywords}?lock={i}"
-ThumbnailExecutor = Literal["auto", "thread", "process", "inline"]
-Match = Literal["", "all", "any"]
-EventLoop = Literal["auto", "asyncio"]
-Verify = Literal["full", "header"]
 
 # The built-in server's fault kinds, in the order their rates are stacked: each is a
 # ``server.<kind>_rate`` setting, a ``--<kind>-rate`` flag and a behaviour of the server.
@@ -351,7 +356,7 @@ class ServiceSettings(Checked):
 class Settings(Checked):
     count: int = setting(10, "How many images to fetch.", flag="--count", short="-n", low=1)
     backend: BackendName = setting(
-        "asyncio", f"Concurrency backend: {', '.join(BACKENDS)}.", flag="--backend"
+        "asyncio", f"Concurrency backend: {', '.join(BACKEND_NAMES)}.", flag="--backend"
     )
     url: str = setting(
         DEFAULT_URL,
@@ -455,17 +460,6 @@ class Settings(Checked):
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    @property
-    def stage_executor(self) -> Literal["thread", "process", "inline"]:
-        """``thumbnails.executor`` with ``auto`` decided: inline when the CPU stage decodes
-        no pixels (a header check and a hash cost less than the hop to a thread and back:
-        figure in benchmarks/README.md), else a thread pool."""
-        thumbs = self.thumbnails
-        if thumbs.executor != "auto":
-            return thumbs.executor
-        light = thumbs.size == 0 and self.verify == "header" and not thumbs.python_cpu_ms
-        return "inline" if light else "thread"
-
 
 # ---------------------------------------------------------------------------- declarations
 
@@ -484,7 +478,7 @@ class Declared:
     """One setting as the loaders and the CLI see it."""
 
     key: str  # dotted: "http.timeout"
-    kind: Any  # int, float, str, bool, Path, or a Literal
+    kind: Any  # int, float, str, bool, Path, or a Literal (without "| None": ``bare``)
     default: Any
     meta: Setting
 
@@ -499,16 +493,18 @@ class Declared:
 
 def declared() -> Iterator[Declared]:
     """Every setting, top-level keys first, then each section's."""
-    yield from _declared(Settings, "")
+    yield from declarations(Settings)
     for section, cls in SECTIONS.items():
-        yield from _declared(cls, f"{section}.")
+        yield from declarations(cls, f"{section}.")
 
 
-def _declared(cls: Any, prefix: str) -> Iterator[Declared]:
+def declarations(cls: Any, prefix: str = "") -> Iterator[Declared]:
+    """The settings declared in the dataclass ``cls`` (a section, or a command's own
+    options such as ``scenarios.CompareSettings``), their keys under ``prefix``."""
     for spec in dataclasses.fields(cls):
         meta = meta_of(cls, spec.name)
         if meta is not None:
-            yield Declared(prefix + spec.name, hints(cls)[spec.name], spec.default, meta)
+            yield Declared(prefix + spec.name, bare(hints(cls)[spec.name]), spec.default, meta)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from . import busywork
 from .errors import FetchError
 from .fetch import Fetched, fetch_async, fetch_sync
 from .jobs import Job, check_url
+from .placement import WritePlace
 from .politeness import HostGate
 from .result import Result, Sample
 from .samples import SampleSpec
@@ -107,12 +108,11 @@ async def handle_async(
     job: Job,
     settings: Settings,
     cpu: AsyncCpuStage,
-    gate: HostGate | None = None,
-    write: AsyncWrite | None = None,
+    gate: HostGate | None,
+    write: AsyncWrite,
 ) -> Result:
     """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage (off the
-    loop, or on it), ``write`` the files (default: through aiofiles, rolled back if the
-    task is cancelled; ``write_inline``: on the loop)."""
+    loop, or on it), ``write`` the files (``async_write``)."""
     start = time.perf_counter()
     fetched: Fetched | None = None
     try:
@@ -120,7 +120,7 @@ async def handle_async(
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
         info = await cpu(fetched.data)
         saved = _plan(settings, job, fetched, info)
-        await (write or _write_or_roll_back)(saved.files)
+        await write(saved.files)
     except FetchError as exc:
         return failure(job, exc, start, resized=fetched is not None)
     except OSError as exc:
@@ -146,6 +146,12 @@ def not_written(
     result = failure(job, exc, start, attempts=fetched.attempts if fetched else 1)
     fault = storage_fault(exc, settings.out)
     return dataclasses.replace(result, fault=fault) if fault else result
+
+
+def async_write(place: WritePlace) -> AsyncWrite:
+    """The write ``Placement.write`` names, for ``handle_async``: on the loop
+    (``write_inline``), or through aiofiles' threads, rolled back if the task is cancelled."""
+    return write_inline if place == "inline" else _write_or_roll_back
 
 
 async def _write_or_roll_back(files: list[tuple[Path, bytes]]) -> None:

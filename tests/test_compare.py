@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from click.testing import CliRunner
 from conftest import invoke, unavailable
 
 from downloader import busywork, work
+from downloader.choices import ScenarioName
 from downloader.cli import main
 from downloader.compare import (
-    SCENARIOS,
     Outcome,
     Row,
     Run,
@@ -28,9 +29,11 @@ from downloader.compare import (
     settings_from_json,
     settings_to_json,
 )
+from downloader.errors import ConfigError
+from downloader.scenarios import ALL, SCENARIOS, CompareSettings
 from downloader.scoreboard import advice, verdict, write_chart, write_json
 from downloader.server import render_photo
-from downloader.settings import Settings, ThumbnailSettings
+from downloader.settings import Settings, ThumbnailSettings, declarations, known_keys
 from downloader.thumbnails import ImageInfo, inspect_image
 from downloader.work import cpu_stage
 
@@ -289,3 +292,66 @@ def test_compare_refuses_an_unwritable_json_path_before_running() -> None:
     result = invoke("compare", "-n", "1", "--json", "/dev/null/x.json")
     code, stdout, stderr = result.exit_code, result.stdout, result.stderr
     assert code == 2 and "not a folder" in stderr and stdout == ""
+
+
+def test_every_compare_option_is_declared_with_its_default() -> None:
+    """compare's flags are made from CompareSettings' declarations, as download's are
+    from the settings'."""
+    help_text = " ".join(invoke("compare", "--help").stdout.split())
+    for item in declarations(CompareSettings):
+        assert item.meta.flag is not None and item.meta.commands == ("compare",), item.key
+        assert item.meta.flag.split("/")[0] in help_text, item.key
+    assert "-n, --count INTEGER Images per run. [default: scenario's, or 200]" in help_text
+    assert "--repeat INTEGER Runs of each backend, 1 to 50; the median counts. [default: 1]" in (
+        help_text
+    )
+    # Flags only: none of them is a config key (count is the download's own).
+    assert not {"repeat", "scenario", "backends", "keep"} & set(known_keys())
+    assert set(typing.get_args(ScenarioName)) == {*SCENARIOS, ALL}
+
+
+def test_compare_flags_reach_the_plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from downloader import compare as comparing
+
+    plans: list[comparing.Plan] = []
+
+    def record(plan: comparing.Plan, on_run: object = None) -> list[Outcome]:
+        plans.append(plan)
+        return []
+
+    monkeypatch.setattr(comparing, "run_plan", record)
+    args = ["--scenario", "gil", "-n", "5", "--no-local", "--size", "64x48", "--repeat", "3"]
+    result = invoke("compare", *args, "--backends", "sync,threads", "--keep", str(tmp_path))
+    assert result.exit_code == 0, result.stderr
+    (plan,) = plans
+    (scenario, settings), *others = plan.workloads
+    assert scenario is SCENARIOS["gil"] and not others
+    assert (settings.count, settings.local, settings.width, settings.height) == (5, False, 64, 48)
+    assert settings.thumbnails.python_cpu_ms == 20  # the scenario's: not given
+    assert (plan.backends, plan.repeat, plan.keep) == (["sync", "threads"], 3, tmp_path)
+    invoke("compare")
+    assert plans[1].workloads[0][0] is None and plans[1].workloads[0][1].count == 200
+    assert plans[1].repeat == 1 and plans[1].workloads[0][1].local
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--scenario", "nope"], "scenario must be one of io, cpu, gil, all, got 'nope'"),
+        (["--repeat", "51"], "repeat must be between 1 and 50, got 51"),
+        (["-n", "0"], "count must be at least 1, got 0"),
+        (["--size", "3"], "expected WIDTHxHEIGHT like 640x480, got '3'"),
+    ],
+)
+def test_bad_compare_flags_are_one_error_line(args: list[str], fragment: str) -> None:
+    result = invoke("compare", *args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert fragment in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_compare_settings_validate_what_is_given() -> None:
+    assert CompareSettings().count is None and CompareSettings(count=3).count == 3
+    with pytest.raises(ConfigError, match="count must be an integer, got 'x'"):
+        CompareSettings(count="x")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="keep must be a path"):
+        CompareSettings(keep="out")  # type: ignore[arg-type]

@@ -11,16 +11,15 @@ from conftest import invoke
 
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import BackendName
+from downloader.choices import BACKEND_NAMES as BACKENDS
 from downloader.cli import main
 from downloader.config import default_config_text, flatten, load_settings
 from downloader.errors import ConfigError
 from downloader.settings import (
-    BACKENDS,
     DEFAULT_URL,
     FAULTS,
     ServerSettings,
     Settings,
-    ThumbnailSettings,
     declared,
     known_keys,
 )
@@ -344,22 +343,3 @@ def test_local_server_that_cannot_listen_is_a_usage_error(
     result = invoke("-n", "1", "--local", "--out", str(tmp_path / "pic"), "-q")
     code, stderr = result.exit_code, result.stderr
     assert code == 2 and "could not listen" in stderr and "Traceback" not in stderr
-
-
-@pytest.mark.parametrize(
-    ("executor", "size", "verify", "python_cpu_ms", "resolved"),
-    [
-        ("auto", 0, "header", 0, "inline"),  # nothing decoded: no hop
-        ("auto", 0, "full", 0, "thread"),
-        ("auto", 128, "header", 0, "thread"),  # a thumbnail decodes anyway
-        ("auto", 0, "header", 5, "thread"),  # user code in the stage
-        ("process", 0, "header", 0, "process"),  # a choice is kept
-        ("thread", 0, "header", 0, "thread"),
-    ],
-)
-def test_auto_executor_is_inline_only_when_no_pixels_are_decoded(
-    executor: str, size: int, verify: str, python_cpu_ms: int, resolved: str
-) -> None:
-    thumbs = ThumbnailSettings(size=size, executor=executor, python_cpu_ms=python_cpu_ms)
-    settings = Settings(verify=verify, thumbnails=thumbs)  # type: ignore[arg-type]
-    assert settings.stage_executor == resolved

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import importlib
-from typing import Literal
 
+from ..choices import BackendName
 from ..errors import ConfigError
 from .base import Backend, Emit
 
 __all__ = ["BACKENDS", "Backend", "BackendName", "Emit", "get_backend"]
 
-# The registry: adding a backend is one module plus its name here and its line below (a
-# test checks the two agree); the settings, the CLI and the test suite's backend matrix
-# all read their backend names from here.
-BackendName = Literal["sync", "threads", "asyncio", "processes", "hybrid", "dask"]
-
+# The registry: adding a backend is one module, its name in ``choices.BackendName`` and
+# its line here (a test checks the two agree); the CLI and the test suite's backend matrix
+# read their backend names from here, the settings from ``choices``.
 # name -> (module, class, the extra that provides its optional dependencies)
 BACKENDS: dict[BackendName, tuple[str, str, str | None]] = {
     "sync": ("sync", "SyncBackend", None),

@@ -1,9 +1,8 @@
 """asyncio: one aiohttp ClientSession with a sized connector, a fixed pool of worker tasks
-pulling from a bounded queue (memory O(concurrency), not O(n)). An image's decode and
-thumbnail go to a thread pool via ``run_in_executor`` (or a process pool); when nothing is
-decoded (``--verify header`` without thumbnails) the check and hash stay on the loop,
-which costs less than the hop (``Settings.stage_executor``). Files are written on the
-loop (through aiofiles with a process pool).
+pulling from a bounded queue (memory O(concurrency), not O(n)). Where an image's CPU stage
+and its write run (on the loop, in a thread pool, in a process pool) is ``placement``'s
+call; this module carries it out: ``run_in_executor`` for the CPU stage, aiofiles for a
+write off the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterable, Coroutine, Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -21,12 +20,13 @@ import aiohttp
 from ..fetch import proxies_configured
 from ..jobs import Job, may_block
 from ..netguard.aio import GuardedConnector
+from ..placement import Placement, WritePlace, placement
 from ..politeness import HostGate
 from ..robots import user_agent
 from ..settings import Settings
 from ..stop import StopToken
 from ..thumbnails import ImageInfo
-from ..work import AsyncWrite, cpu_stage, handle_async, write_inline
+from ..work import async_write, cpu_stage, handle_async
 from .base import Emit
 from .pools import cpu_executor
 
@@ -37,7 +37,8 @@ class AsyncioBackend:
     name = "asyncio"
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
-        run_event_loop(run_pipeline(jobs, settings, emit, stop), settings.event_loop)
+        where = placement(settings, "asyncio")
+        run_event_loop(run_pipeline(jobs, settings, emit, stop, where), settings.event_loop)
 
 
 def run_event_loop(coro: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
@@ -106,14 +107,12 @@ async def run_pipeline(
     settings: Settings,
     emit: Emit,
     stop: StopToken,
-    *,
-    write_off_loop: bool = False,
+    where: Placement,
 ) -> None:
-    """The whole asyncio pipeline in the running loop, with its thumbnail pool. Setting
-    ``stop`` cancels it: every worker unwinds through its ``finally``, writes cut short are
-    rolled back, and this returns once what finished has been emitted.
-    ``write_off_loop``: files go through aiofiles' threads, for a file system where a
-    write may block for long (see ``run_jobs``)."""
+    """The whole asyncio pipeline in the running loop, with the CPU-stage pool ``where``
+    asks for. Setting ``stop`` cancels it: every worker unwinds through its ``finally``,
+    writes cut short are rolled back, and this returns once what finished has been
+    emitted."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -126,8 +125,8 @@ async def run_pipeline(
     # disk, where the default (cores + 4) only adds threads competing for the GIL.
     loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="writer"))
     try:
-        with stop.calling(cancel), cpu_executor(settings.stage_executor) as pool:
-            await run_jobs(jobs, settings, emit, pool, write_off_loop=write_off_loop)
+        with stop.calling(cancel), cpu_executor(where.cpu) as pool:
+            await run_jobs(jobs, settings, emit, pool, write=where.write)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise
@@ -140,14 +139,13 @@ async def run_jobs(
     emit: Emit,
     pool: concurrent.futures.Executor | None,
     *,
+    write: WritePlace,
     gate: HostGate | None = None,
-    write_off_loop: bool = False,
 ) -> None:
     """The asyncio pipeline: ``http.concurrency`` worker tasks on one ClientSession pull
     jobs from a bounded queue. An image's CPU stage runs in ``pool`` (None: on the loop
-    itself); its files are written on the loop, or through aiofiles with a process pool or
-    ``write_off_loop``. ``gate``: the politeness gate (default: one for this run, at
-    ``http.rate``)."""
+    itself); its files are written where ``write`` says (``Placement.write``). ``gate``:
+    the politeness gate (default: one for this run, at ``http.rate``)."""
     concurrency = settings.http.concurrency
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -158,17 +156,14 @@ async def run_jobs(
             return stage(data)
         return await loop.run_in_executor(pool, stage, data)
 
-    # The write stays on the loop: a thread that wrote as well would take the GIL back
-    # after each file operation, contending with the loop (figure in benchmarks/README.md).
-    off_loop = write_off_loop or isinstance(pool, ProcessPoolExecutor)
-    write: AsyncWrite | None = None if off_loop else write_inline  # None: aiofiles
+    write_files = async_write(write)
 
     gate = gate or HostGate(settings.http.rate)
     async with new_client(settings) as session:
 
         async def worker() -> None:
             while (job := await queue.get()) is not _DONE:
-                emit(await handle_async(session, job, settings, cpu, gate, write))
+                emit(await handle_async(session, job, settings, cpu, gate, write_files))
 
         async def feed() -> None:
             if isinstance(jobs, AsyncIterable):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..jobs import Job
 from ..result import Result
+from ..settings import Settings
 from ..stop import StopToken
-
-if TYPE_CHECKING:  # the settings import the backend registry, which imports this module
-    from ..settings import Settings
 
 Emit = Callable[[Result], None]
 

@@ -26,6 +26,7 @@ from distributed import Client, LocalCluster, as_completed
 from ..children import cpu_count
 from ..errors import ClusterUnreachableError, StorageError
 from ..jobs import Job
+from ..placement import placement
 from ..result import Result
 from ..settings import Settings
 from ..shards import ShardWriter, shard_fault
@@ -38,14 +39,11 @@ CONNECT_TIMEOUT_S = 10.0  # how long to keep trying a scheduler that does not an
 
 
 def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
-    """On a worker: the asyncio pipeline over one shard. Dask workers are daemonic
-    processes, which may not start a process pool, so thumbnails run in a thread pool
-    (Pillow releases the GIL while it decodes and resizes), and so do the writes: OUT is
-    a shared file system here, where a write on the loop would stall every download."""
+    """On a worker: the asyncio pipeline over one shard, its CPU stage and its writes in
+    threads (``placement``: a worker may not start a process pool, and OUT is a shared
+    file system)."""
     from .aio import run_pipeline
 
-    thumbs = dataclasses.replace(settings.thumbnails, executor="thread")
-    shard_settings = settings.replace(thumbnails=thumbs)
     results: list[Result] = []
     stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain
 
@@ -54,7 +52,7 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
         if result.fault:
             stop.set(result.fault.cause)
 
-    asyncio.run(run_pipeline(jobs, shard_settings, emit, stop, write_off_loop=True))
+    asyncio.run(run_pipeline(jobs, settings, emit, stop, placement(settings, "dask")))
     if settings.dataset.shards and jobs:
         return write_shard(jobs, results, settings)
     return results

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 
 from ..children import child_init
 from ..jobs import Job
+from ..placement import placement
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
@@ -121,6 +122,7 @@ class _Inbox:
 
 async def _serve_async(jobs_in: Connection, results_out: Connection, settings: Settings) -> None:
     from .aio import run_jobs
+    from .pools import cpu_executor
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -129,10 +131,11 @@ async def _serve_async(jobs_in: Connection, results_out: Connection, settings: S
     gate = _SharedGate(settings.http.rate, outbox)
     inbox = _Inbox(jobs_in, gate, task)
     loop.add_reader(jobs_in.fileno(), inbox.receive)
+    where = placement(settings, "hybrid")
     try:
         # Stopped by the parent: what finished is sent below; the rest never ran.
-        with contextlib.suppress(asyncio.CancelledError):
-            await run_jobs(inbox.jobs(), settings, outbox.emit, None, gate=gate)
+        with contextlib.suppress(asyncio.CancelledError), cpu_executor(where.cpu) as pool:
+            await run_jobs(inbox.jobs(), settings, outbox.emit, pool, write=where.write, gate=gate)
     finally:
         outbox.flush()  # whatever happened, the images already written are reported
     results_out.send(Done())

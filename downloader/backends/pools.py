@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -17,18 +18,21 @@ from concurrent.futures import (
 from typing import TypeVar
 
 from ..children import child_init, cpu_count, mp_context
+from ..placement import CpuPlace, Placement
+from ..settings import Settings
 from ..stop import StopToken
+from ..thumbnails import ImageInfo
+from ..work import CpuStage, cpu_stage
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @contextlib.contextmanager
-def cpu_executor(kind: str) -> Iterator[Executor | None]:
-    """Where the CPU-bound thumbnail stage runs (``Settings.stage_executor``): a process
-    pool, a thread pool, or inline (None). Pillow releases the GIL while decoding and
-    resizing, so threads parallelise it too; processes also parallelise any pure-Python
-    work around it."""
+def cpu_executor(kind: CpuPlace) -> Iterator[Executor | None]:
+    """The pool for the CPU stage that ``Placement.cpu`` names: a process pool, a thread
+    pool, or none (inline). Pillow releases the GIL while decoding and resizing, so
+    threads parallelise it too; processes also parallelise any pure-Python work around it."""
     if kind == "inline":
         yield None
         return
@@ -43,6 +47,23 @@ def cpu_executor(kind: str) -> Iterator[Executor | None]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def sync_cpu_stage(settings: Settings, where: Placement) -> Iterator[CpuStage | None]:
+    """For a backend whose jobs run in threads or processes of their own (``handle_sync``):
+    the CPU stage in the pool ``where.cpu`` names, as a call that waits on it, or None
+    (inline). Such a backend writes in the job's own thread or process."""
+    if where.write != "inline":
+        raise ValueError(f"handle_sync writes inline, not in a {where.write}")
+    with cpu_executor(where.cpu) as pool:
+        yield None if pool is None else functools.partial(_in_pool, pool, cpu_stage(settings))
+
+
+def _in_pool(pool: Executor, stage: CpuStage, data: bytes) -> ImageInfo:
+    """Run the CPU stage in ``pool`` and wait for it (the calling thread has nothing else
+    to do meanwhile)."""
+    return pool.submit(stage, data).result()
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -8,6 +8,7 @@ That is the cost this backend exists to show: 10 kitchens, 10 cooks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -18,13 +19,14 @@ from ..children import child_init, mp_context
 from ..errors import StorageFault
 from ..fetch import new_session
 from ..jobs import Job
+from ..placement import Placement, placement
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..stop import StopToken
-from ..work import handle_sync
+from ..work import CpuStage, handle_sync
 from .base import Emit
-from .pools import bounded_map, chunked
+from .pools import bounded_map, chunked, sync_cpu_stage
 
 MAX_WORKERS = 64
 _session: requests.Session | None = None
@@ -32,15 +34,18 @@ _settings: Settings | None = None
 
 
 _gate: HostGate | None = None
+_cpu: CpuStage | None = None
+_held = contextlib.ExitStack()  # what the worker keeps for its life (a CPU-stage pool)
 _fault: StorageFault | None = None  # a storage fault this worker hit: it runs no more jobs
 
 
-def _init_worker(settings: Settings, workers: int, parent: int) -> None:
-    global _session, _settings, _gate
+def _init_worker(settings: Settings, where: Placement, workers: int, parent: int) -> None:
+    global _session, _settings, _gate, _cpu
     child_init(parent)
     _settings = settings
     _session = new_session(settings.http)
     _gate = HostGate(settings.http.rate / workers)  # each worker gets its share of the rate
+    _cpu = _held.enter_context(sync_cpu_stage(settings, where))
 
 
 def _run_chunk(jobs: list[Job]) -> list[Result]:
@@ -52,7 +57,7 @@ def _run_chunk(jobs: list[Job]) -> list[Result]:
     for job in jobs:
         if _fault is not None:
             break
-        results.append(handle_sync(_session, job, _settings, gate=_gate))
+        results.append(handle_sync(_session, job, _settings, _cpu, _gate))
         _fault = results[-1].fault
     return results
 
@@ -68,7 +73,7 @@ class ProcessesBackend:
             workers,
             mp_context=mp_context(),
             initializer=_init_worker,
-            initargs=(settings, workers, os.getpid()),
+            initargs=(settings, placement(settings, "processes"), workers, os.getpid()),
         ) as pool:
             # A stop cancels the chunks not yet started; the workers finish theirs (each
             # request bounded by its deadline), and every result they return is recorded.

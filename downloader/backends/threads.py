@@ -1,29 +1,27 @@
 """threads: a thread pool, one requests.Session per thread.
 
 Thumbnails run in the worker thread (Pillow releases the GIL while it decodes and
-resizes) unless ``thumbnails.executor = "process"``, which sends them to a process pool.
+resizes), or in a process pool with ``thumbnails.executor = "process"`` (``placement``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from ..fetch import new_session
 from ..jobs import Job
+from ..placement import placement
 from ..politeness import HostGate
 from ..result import Result
 from ..settings import Settings
 from ..stop import StopToken
-from ..thumbnails import ImageInfo
-from ..work import CpuStage, cpu_stage, handle_sync
+from ..work import handle_sync
 from .base import Emit, finished
-from .pools import bounded_map, cpu_executor
+from .pools import bounded_map, sync_cpu_stage
 
 
 class ThreadsBackend:
@@ -42,13 +40,7 @@ class ThreadsBackend:
                     sessions.append(current)
             return current
 
-        # Threads already are a thread pool: only a process pool is worth adding.
-        use_pool = settings.stage_executor == "process"
-        with cpu_executor("process") if use_pool else contextlib.nullcontext() as pool:
-            cpu: CpuStage | None = None
-            if pool is not None:
-                cpu = functools.partial(_in_pool, pool, cpu_stage(settings))
-
+        with sync_cpu_stage(settings, placement(settings, "threads")) as cpu:
             gate = HostGate(settings.http.rate)
 
             def work(job: Job) -> Result:
@@ -63,9 +55,3 @@ class ThreadsBackend:
             finally:
                 for s in sessions:
                     s.close()
-
-
-def _in_pool(pool: Executor, stage: CpuStage, data: bytes) -> ImageInfo:
-    """Run the CPU stage in ``pool`` and wait for it (this download thread has nothing
-    else to do meanwhile)."""
-    return pool.submit(stage, data).result()

@@ -17,11 +17,12 @@ import click
 import requests
 from sseclient import SSEClient
 
+from ..backends import BACKENDS
 from ..config import read_toml
 from ..errors import ConfigError
 from ..outcome import ExitCode
 from ..result import Result
-from ..settings import BACKENDS, Settings
+from ..settings import Settings
 
 EXIT_BY_STATE = {"failed": ExitCode.USAGE, "cancelled": ExitCode.INTERRUPTED}
 NOT_FOR_JOBS = {"out": "--out", "resume": "--resume", "retry_failed": "--retry-failed"}

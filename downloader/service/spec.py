@@ -98,7 +98,7 @@ def parse_body(body: Any, service: Settings) -> JobSpec:
     settings = job_settings(values, Path("."), None)
     _check_caps(settings, service, urls)
     if urls is None:
-        from ..pipeline import source_for
+        from ..jobs import source_for
 
         source_for(settings)  # a bad URL template is the CLI's one-line error
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
