@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -87,8 +88,16 @@ def command(args: argparse.Namespace, download: str, count: int, out: Path, base
 
 
 def count_ok(out: Path) -> int:
+    """The images saved: JPEG files, or the samples of the shards of a shard format."""
     if not out.is_dir():
         return 0
+    tars = sorted(out.glob("[0-9]*.tar"))
+    if tars:
+        total = 0
+        for path in tars:
+            with tarfile.open(path) as tar:
+                total += sum(1 for m in tar if m.name.endswith(".jpg"))
+        return total
     return sum(1 for p in out.iterdir() if p.suffix == ".jpg" and good_image(p))
 
 
