@@ -3,8 +3,9 @@
 ``check_status``, ``check_declared_length``, ``check_length`` and ``check_body`` decide;
 ``fetch_sync`` (requests) and ``fetch_async`` (aiohttp) are the only two places in the
 package that do HTTP. Both shells share the rest: one table turns either library's
-exceptions into our failures (``failure_for``), and one driver (``_Tries``) counts the
-attempts and asks the tenacity policy (``retry_policy``) whether and when to try again.
+exceptions into our failures (``failure_for``), and one policy (``retry_policy``: stop,
+retry and wait strategies, the wait and the host's pause ours) drives tenacity's
+``Retrying`` and ``AsyncRetrying``, whose sleep the caller may inject.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from .settings import HttpSettings
 if TYPE_CHECKING:
     import aiohttp
     import requests
-    from tenacity import RetryCallState, Retrying
+    from tenacity import RetryCallState
+    from tenacity.retry import retry_base
+    from tenacity.stop import stop_base
+    from tenacity.wait import wait_base
 
 CHUNK = 256 * 1024  # large reads: fewer syscalls and Python-level loop turns per image
 
@@ -163,14 +167,16 @@ def failure_for(
 # ---------------------------------------------------------------------------- retry policy
 
 
-class _Wait:
-    """Exponential backoff with full jitter; a longer ``Retry-After`` wins (capped)."""
+class PoliteWait:
+    """tenacity's wait before the next attempt: exponential backoff with full jitter; a
+    longer ``Retry-After`` wins (capped at ``max_backoff``); and no less than what is left
+    of the host's pause, so that the shell's sleep, which a stop cuts short, waits it out
+    rather than the gate."""
 
-    def __init__(self, http: HttpSettings) -> None:
-        from tenacity import wait_random_exponential
-
-        self._backoff = wait_random_exponential(multiplier=http.backoff, max=http.max_backoff)
+    def __init__(self, http: HttpSettings, gate: HostGate | None = None, host: str = "") -> None:
+        self._backoff = _strategies(http)[2]
         self._cap = http.max_backoff
+        self._gate, self._host = gate, host
 
     def __call__(self, state: RetryCallState) -> float:
         delay = float(self._backoff(state))
@@ -178,19 +184,22 @@ class _Wait:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             delay = max(delay, min(float(retry_after), self._cap))
+        if self._gate is not None:
+            delay = max(delay, self._gate.paused_for(self._host))
         return delay
 
 
-def retry_policy(http: HttpSettings) -> dict[str, Any]:
-    """The one policy both shells use: what to retry, how often, how long to wait.
-    (tenacity is imported when a first attempt fails: most runs never need it.)"""
-    from tenacity import retry_if_exception_type, stop_after_attempt
+class PauseHost:
+    """tenacity's hook after each failed attempt that may be retried (the last one too): a
+    throttling answer pauses every request to the host, not just this one."""
 
-    return {
-        "stop": stop_after_attempt(http.retries + 1),
-        "wait": _Wait(http),
-        "retry": retry_if_exception_type(RetryableFetchError),
-    }
+    def __init__(self, http: HttpSettings, gate: HostGate, host: str) -> None:
+        self._http, self._gate, self._host = http, gate, host
+
+    def __call__(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableFetchError) and (pause := host_pause(exc, self._http)):
+            self._gate.pause(self._host, pause)
 
 
 def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
@@ -206,40 +215,36 @@ def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
     return None
 
 
-class _Tries:
-    """The retry driver both shells run: it counts one URL's attempts and, after each
-    failure, pauses a throttling host and asks the policy whether and how long to wait.
+@functools.cache
+def _strategies(http: HttpSettings) -> tuple[stop_base, retry_base, wait_base]:
+    from tenacity import retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-    The policy is consulted only after a failure: most images need one attempt, and
-    tenacity's per-call machinery cost more CPU than the rest of our fetch code."""
+    return (
+        stop_after_attempt(http.retries + 1),
+        retry_if_exception_type(RetryableFetchError),
+        wait_random_exponential(multiplier=http.backoff, max=http.max_backoff),
+    )
 
-    def __init__(self, url: str, http: HttpSettings, gate: HostGate | None) -> None:
-        self.url, self.http, self.gate = url, http, gate
-        self.count = 0
-        self._policy: Retrying | None = None
 
-    def start(self) -> None:
-        self.count += 1
+def retry_policy(http: HttpSettings, gate: HostGate | None = None, url: str = "") -> dict[str, Any]:
+    """The one policy both shells give tenacity's ``Retrying``/``AsyncRetrying``: what to
+    retry, how often, how long to wait, and the pause a throttled host gets from ``gate``.
+    With ``reraise``, the last failure itself is raised, not tenacity's ``RetryError``."""
+    stop, retry, _ = _strategies(http)
+    host = host_of(url) if gate is not None else ""
+    policy: dict[str, Any] = {
+        "stop": stop,
+        "retry": retry,
+        "wait": PoliteWait(http, gate, host),
+        "reraise": True,
+    }
+    if gate is not None:
+        policy["after"] = PauseHost(http, gate, host)
+    return policy
 
-    def done(self, fetched: Fetched) -> Fetched:
-        return fetched if self.count == 1 else replace(fetched, attempts=self.count)
 
-    def wait_after(self, exc: FetchError) -> float:
-        """Seconds to wait before the next attempt; raises ``exc`` when there is none."""
-        exc.attempts = self.count
-        if isinstance(exc, RetryableFetchError) and self.gate is not None:
-            pause = host_pause(exc, self.http)
-            if pause:  # a throttling answer pauses every request to the host
-                self.gate.pause(host_of(self.url), pause)
-        from tenacity import RetryCallState, Retrying
-
-        policy = self._policy = self._policy or Retrying(**retry_policy(self.http))
-        state = RetryCallState(policy, None, (), {})
-        state.attempt_number = self.count
-        state.set_exception((type(exc), exc, exc.__traceback__))
-        if not policy.retry(state) or policy.stop(state):
-            raise exc
-        return float(policy.wait(state))
+def _counted(fetched: Fetched, attempt: int) -> Fetched:
+    return fetched if attempt == 1 else replace(fetched, attempts=attempt)
 
 
 # ---------------------------------------------------------------------------- requests shell
@@ -252,16 +257,21 @@ def fetch_sync(
     sleep: Callable[[float], None] = time.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with requests under the retry policy. Raises ``FetchError``."""
-    tries = _Tries(url, http, gate)
-    while True:
-        tries.start()
-        if gate is not None:
-            gate.wait_sync(url)
-        try:
-            return tries.done(_attempt_sync(session, url, http))
-        except FetchError as exc:
-            sleep(tries.wait_after(exc))
+    """GET ``url`` with requests, retried by tenacity under ``retry_policy``; ``sleep``
+    waits between attempts. Raises ``FetchError``."""
+    from tenacity import Retrying
+
+    for attempt in Retrying(sleep=sleep, **retry_policy(http, gate, url)):
+        with attempt:
+            number = attempt.retry_state.attempt_number
+            if gate is not None:
+                gate.wait_sync(url)
+            try:
+                return _counted(_attempt_sync(session, url, http), number)
+            except FetchError as exc:
+                exc.attempts = number
+                raise
+    raise AssertionError("unreachable: tenacity raises the last failure")
 
 
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
@@ -338,16 +348,21 @@ async def fetch_async(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with aiohttp under the retry policy. Raises ``FetchError``."""
-    tries = _Tries(url, http, gate)
-    while True:
-        tries.start()
-        if gate is not None:
-            await gate.wait_async(url)
-        try:
-            return tries.done(await _attempt_async(session, url, http))
-        except FetchError as exc:
-            await sleep(tries.wait_after(exc))
+    """GET ``url`` with aiohttp, retried by tenacity under ``retry_policy``; ``sleep``
+    waits between attempts. Raises ``FetchError``."""
+    from tenacity import AsyncRetrying
+
+    async for attempt in AsyncRetrying(sleep=sleep, **retry_policy(http, gate, url)):
+        with attempt:
+            number = attempt.retry_state.attempt_number
+            if gate is not None:
+                await gate.wait_async(url)
+            try:
+                return _counted(await _attempt_async(session, url, http), number)
+            except FetchError as exc:
+                exc.attempts = number
+                raise
+    raise AssertionError("unreachable: tenacity raises the last failure")
 
 
 async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSettings) -> Fetched:
