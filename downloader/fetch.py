@@ -19,6 +19,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.retry import retry_base
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate, host_of
@@ -27,10 +39,6 @@ from .settings import HttpSettings
 if TYPE_CHECKING:
     import aiohttp
     import requests
-    from tenacity import RetryCallState
-    from tenacity.retry import retry_base
-    from tenacity.stop import stop_base
-    from tenacity.wait import wait_base
 
 CHUNK = 256 * 1024  # large reads: fewer syscalls and Python-level loop turns per image
 
@@ -167,7 +175,7 @@ def failure_for(
 # ---------------------------------------------------------------------------- retry policy
 
 
-class PoliteWait:
+class PoliteWait(wait_base):
     """tenacity's wait before the next attempt: exponential backoff with full jitter; a
     longer ``Retry-After`` wins (capped at ``max_backoff``); and no less than what is left
     of the host's pause, so that the shell's sleep, which a stop cuts short, waits it out
@@ -217,8 +225,6 @@ def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
 
 @functools.cache
 def _strategies(http: HttpSettings) -> tuple[stop_base, retry_base, wait_base]:
-    from tenacity import retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
     return (
         stop_after_attempt(http.retries + 1),
         retry_if_exception_type(RetryableFetchError),
@@ -259,8 +265,6 @@ def fetch_sync(
 ) -> Fetched:
     """GET ``url`` with requests, retried by tenacity under ``retry_policy``; ``sleep``
     waits between attempts. Raises ``FetchError``."""
-    from tenacity import Retrying
-
     for attempt in Retrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
@@ -319,7 +323,7 @@ def proxies_configured() -> bool:
 
 
 def new_session(http: HttpSettings) -> requests.Session:
-    """A requests Session sized for one thread or process."""
+    """A requests Session for one thread or process (its aiohttp twin: ``new_client``)."""
     import requests
 
     from .deadline import DeadlineAdapter
@@ -338,6 +342,26 @@ def new_session(http: HttpSettings) -> requests.Session:
     return session
 
 
+def new_client(http: HttpSettings) -> aiohttp.ClientSession:
+    """An aiohttp ClientSession for one event loop, its connector sized by ``http``."""
+    import aiohttp
+
+    from .netguard.aio import GuardedConnector
+
+    # block_private: a connector that checks every address it connects to (and no proxy:
+    # the check must see the address connected to).
+    connector = (GuardedConnector if http.block_private else aiohttp.TCPConnector)(
+        limit=http.concurrency,
+        limit_per_host=http.per_host or http.concurrency,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": http.user_agent},
+        trust_env=proxies_configured() and not http.block_private,
+    )
+
+
 # ---------------------------------------------------------------------------- aiohttp shell
 
 
@@ -350,8 +374,6 @@ async def fetch_async(
 ) -> Fetched:
     """GET ``url`` with aiohttp, retried by tenacity under ``retry_policy``; ``sleep``
     waits between attempts. Raises ``FetchError``."""
-    from tenacity import AsyncRetrying
-
     async for attempt in AsyncRetrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
