@@ -47,7 +47,7 @@ class HostGate:
 
     def paused_for(self, host: str) -> float:
         """Seconds left of ``host``'s pause (0 if none), taking no slot: what a retry
-        waits at least (``fetch.PoliteWait``)."""
+        waits at least (``retries.PoliteWait``)."""
         with self._lock:
             return max(0.0, self._paused_until.get(host, 0.0) - time.monotonic())
 
