@@ -3,8 +3,9 @@
 ``check_status``, ``check_declared_length``, ``check_length`` and ``check_body`` decide;
 ``fetch_sync`` (requests) and ``fetch_async`` (aiohttp) are the only two places in the
 package that do HTTP. Both shells share the rest: one table turns either library's
-exceptions into our failures (``failure_for``), and one policy (``retries.retry_policy``)
-drives tenacity's ``Retrying`` and ``AsyncRetrying`` over the attempts.
+exceptions into our failures (``failure_for``), one policy (``retries.retry_policy``)
+drives tenacity's ``Retrying`` and ``AsyncRetrying`` over the attempts, and the client
+factories (``new_session``, ``new_client``) read the proxies once (``proxy.Proxies``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import email.utils
 import functools
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ from tenacity import AsyncRetrying, Retrying
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate
+from .proxy import Proxies
 from .retries import retry_policy
 from .settings import HttpSettings
 
@@ -194,11 +197,14 @@ def fetch_sync(
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
     from .deadline import request_deadline
 
+    routes = _proxies_of.get(session)
+    proxies = None if routes is None else routes.for_requests(url)
+
     deadline = time.monotonic() + http.timeout
     try:
         with (
             request_deadline(deadline),
-            session.get(url, stream=True, timeout=http.timeout) as resp,
+            session.get(url, stream=True, timeout=http.timeout, proxies=proxies) as resp,
         ):
             check_status(resp.status_code, resp.headers, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
@@ -228,11 +234,29 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
         raise failure from None
 
 
+# ---------------------------------------------------------------------------- the clients
+
+# The proxies each client was made with (``proxy.Proxies``): the environment is read when a
+# client is made, and each request is handed its proxy. A client made elsewhere is not here.
+_proxies_of: weakref.WeakKeyDictionary[object, Proxies] = weakref.WeakKeyDictionary()
+
+
 def proxies_configured() -> bool:
-    """Whether the environment names a proxy. Without one, the clients need not look: with
-    ``trust_env`` requests re-reads every proxy variable on each request, a sizeable share
-    of a small image's CPU (figure in benchmarks/README.md)."""
-    return any(name.lower().endswith("_proxy") for name in os.environ)
+    """Whether the environment names a proxy: ``HTTP_PROXY``, ``HTTPS_PROXY`` or
+    ``ALL_PROXY`` (lowercase too). ``NO_PROXY`` alone names none, and costs nothing."""
+    return Proxies.from_environment() is not None
+
+
+def proxy_for(client: object, url: str) -> str | None:
+    """The proxy a request to ``url`` through ``client`` (from ``new_session`` or
+    ``new_client``) goes through, or None: direct."""
+    proxies = _proxies_of.get(client)
+    return None if proxies is None else proxies.for_url(url)
+
+
+def _proxies(http: HttpSettings) -> Proxies | None:
+    # block_private: never a proxy, the guard must see the address connected to.
+    return None if http.block_private else Proxies.from_environment()
 
 
 def new_session(http: HttpSettings) -> requests.Session:
@@ -243,11 +267,15 @@ def new_session(http: HttpSettings) -> requests.Session:
     from .netguard.sync import GuardedAdapter
 
     session = requests.Session()
-    # block_private: an adapter that checks every address it connects to (and no proxy:
-    # the check must see the address connected to).
-    session.trust_env = proxies_configured() and not http.block_private
+    # The environment is read here, once: its proxies, and the CA bundle requests would take.
+    session.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    session.verify = bundle or True  # an empty variable is none, not "do not verify"
+    if (proxies := _proxies(http)) is not None:
+        _proxies_of[session] = proxies
     session.max_redirects = http.max_redirects
     session.headers["User-Agent"] = http.user_agent
+    # block_private: an adapter that checks every address it connects to.
     adapter_class = GuardedAdapter if http.block_private else DeadlineAdapter
     adapter = adapter_class(pool_connections=4, pool_maxsize=4, max_retries=0)
     session.mount("http://", adapter)
@@ -261,18 +289,19 @@ def new_client(http: HttpSettings) -> aiohttp.ClientSession:
 
     from .netguard.aio import GuardedConnector
 
-    # block_private: a connector that checks every address it connects to (and no proxy:
-    # the check must see the address connected to).
+    if (proxies := _proxies(http)) is not None:
+        proxies.check_aiohttp()
+    # block_private: a connector that checks every address it connects to.
     connector = (GuardedConnector if http.block_private else aiohttp.TCPConnector)(
         limit=http.concurrency,
         limit_per_host=http.per_host or http.concurrency,
         ttl_dns_cache=300,
     )
-    return aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": http.user_agent},
-        trust_env=proxies_configured() and not http.block_private,
-    )
+    # trust_env stays off: the environment is read here, once.
+    client = aiohttp.ClientSession(connector=connector, headers={"User-Agent": http.user_agent})
+    if proxies is not None:
+        _proxies_of[client] = proxies
+    return client
 
 
 # ---------------------------------------------------------------------------- aiohttp shell
@@ -303,7 +332,10 @@ async def fetch_async(
 async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSettings) -> Fetched:
     try:
         async with session.get(
-            url, timeout=_client_timeout(http.timeout), max_redirects=http.max_redirects
+            url,
+            timeout=_client_timeout(http.timeout),
+            max_redirects=http.max_redirects,
+            proxy=proxy_for(session, url),
         ) as resp:
             check_status(resp.status, resp.headers, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
