@@ -165,10 +165,6 @@ def failure_for(
     return None
 
 
-def _counted(fetched: Fetched, attempt: int) -> Fetched:
-    return fetched if attempt == 1 else replace(fetched, attempts=attempt)
-
-
 # ---------------------------------------------------------------------------- requests shell
 
 
@@ -179,19 +175,34 @@ def fetch_sync(
     sleep: Callable[[float], None] = time.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with requests, retried by tenacity under ``retry_policy``; ``sleep``
-    waits between attempts. Raises ``FetchError``."""
+    """GET ``url`` with requests; after a failure, tenacity's ``Retrying`` runs the retries
+    under ``retry_policy`` (``sleep`` waits between attempts). Raises ``FetchError``.
+
+    The first attempt is made before tenacity is asked: most images need one, and
+    tenacity's machinery costs more CPU than the rest of a fetch (benchmarks/README.md)."""
+    try:
+        return _polite_sync(session, url, http, gate)
+    except FetchError as exc:
+        first = exc
     for attempt in Retrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
-            if gate is not None:
-                gate.wait_sync(url)
             try:
-                return _counted(_attempt_sync(session, url, http), number)
+                if number == 1:
+                    raise first  # made above: tenacity decides on it like on any other
+                return replace(_polite_sync(session, url, http, gate), attempts=number)
             except FetchError as exc:
                 exc.attempts = number
                 raise
     raise AssertionError("unreachable: tenacity raises the last failure")
+
+
+def _polite_sync(
+    session: requests.Session, url: str, http: HttpSettings, gate: HostGate | None
+) -> Fetched:
+    if gate is not None:
+        gate.wait_sync(url)
+    return _attempt_sync(session, url, http)
 
 
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
@@ -314,19 +325,32 @@ async def fetch_async(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with aiohttp, retried by tenacity under ``retry_policy``; ``sleep``
-    waits between attempts. Raises ``FetchError``."""
+    """GET ``url`` with aiohttp; after a failure, tenacity's ``AsyncRetrying`` runs the
+    retries under ``retry_policy`` (``sleep`` waits between attempts). Raises
+    ``FetchError``. The first attempt is made before tenacity is asked, as in ``fetch_sync``."""
+    try:
+        return await _polite_async(session, url, http, gate)
+    except FetchError as exc:
+        first = exc
     async for attempt in AsyncRetrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
-            if gate is not None:
-                await gate.wait_async(url)
             try:
-                return _counted(await _attempt_async(session, url, http), number)
+                if number == 1:
+                    raise first  # made above: tenacity decides on it like on any other
+                return replace(await _polite_async(session, url, http, gate), attempts=number)
             except FetchError as exc:
                 exc.attempts = number
                 raise
     raise AssertionError("unreachable: tenacity raises the last failure")
+
+
+async def _polite_async(
+    session: aiohttp.ClientSession, url: str, http: HttpSettings, gate: HostGate | None
+) -> Fetched:
+    if gate is not None:
+        await gate.wait_async(url)
+    return await _attempt_async(session, url, http)
 
 
 async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSettings) -> Fetched:
