@@ -20,13 +20,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from tenacity import AsyncRetrying, Retrying
-
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate
 from .proxy import Proxies
-from .retries import retry_policy
 from .settings import HttpSettings
 
 if TYPE_CHECKING:
@@ -184,6 +181,10 @@ def fetch_sync(
         return _polite_sync(session, url, http, gate)
     except FetchError as exc:
         first = exc
+    from tenacity import Retrying  # only now: a run without a failure never loads it
+
+    from .retries import retry_policy
+
     for attempt in Retrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
@@ -332,6 +333,10 @@ async def fetch_async(
         return await _polite_async(session, url, http, gate)
     except FetchError as exc:
         first = exc
+    from tenacity import AsyncRetrying
+
+    from .retries import retry_policy
+
     async for attempt in AsyncRetrying(sleep=sleep, **retry_policy(http, gate, url)):
         with attempt:
             number = attempt.retry_state.attempt_number
