@@ -2,7 +2,8 @@
 """Our backends against peer tools (img2dataset, curl, aria2c) on one built-in server.
 
     python benchmarks/peers.py [-n 2000] [--size 640x480] [--latency-ms 0]
-        [--concurrency 64] [--repeat 3] [--only asyncio,curl] [--json FILE]
+        [--concurrency 64] [--repeat 3] [--only asyncio,curl] [--envs clean,no-proxy]
+        [--json FILE]
 
 Every run is a whole process (start-up included), timed from spawn to exit, in a fresh
 output folder, against ONE ``download serve`` process started here and warmed up (every
@@ -18,8 +19,14 @@ Variants:
   curl           curl --parallel --parallel-max C -sL -K config   (download only)
   aria2c         aria2c -j C -i list -d DIR                        (download only)
 
+Environments: every variant runs in each of ``--envs``, interleaved with the others:
+``clean`` (this environment without any ``*_proxy`` variable) and ``no-proxy`` (the same
+with ``NO_PROXY``/``no_proxy=127.0.0.1,localhost`` and no proxy, as containers, CI runners
+and company laptops often have it). One table per environment, then issue 21's targets
+for each, and what ``NO_PROXY`` costs each of our variants (its CPU over the clean one's).
+
 Ratios: images/s of a thumbnail variant / img2dataset's, of a download-only variant /
-curl's, from the same invocation. Not a test; not run by CI.
+curl's, from the same invocation and environment. Not a test; not run by CI.
 """
 
 from __future__ import annotations
@@ -48,11 +55,23 @@ from _harness import (
     pin_package,
     warm,
 )
+from _targets import proxy_costs, targets
 
 from downloader.usage import Measured, become_subreaper, measure, proc_cpu_s
 
 BACKENDS = ("sync", "threads", "asyncio", "processes", "hybrid")
 THUMB, DL = "thumbnails", "download-only"
+LOOPBACK = "127.0.0.1,localhost"
+ENVS = {  # name: (what is added to the clean environment, how the table names it)
+    "clean": ({}, "no proxy variable"),
+    "no-proxy": ({"NO_PROXY": LOOPBACK, "no_proxy": LOOPBACK}, f"NO_PROXY={LOOPBACK}, no proxy"),
+}
+
+
+def environment(name: str) -> dict[str, str]:
+    """The environment of a run in ``name``: ours without any proxy variable, plus ENVS'."""
+    clean = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return {**clean, **ENVS[name][0]}
 
 
 @dataclass
@@ -84,11 +103,16 @@ class Variant:
 @dataclass
 class Row:
     variant: Variant
+    env: str = "clean"  # a key of ENVS
     runs: list[Measured] = field(default_factory=list)
     oks: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     startup_s: float | None = None  # wall of one n=1 run (--startup): the fixed cost
     server_cpu: list[float] = field(default_factory=list)  # the server's CPU s during each run
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name}@{self.env}"
 
     def med(self, name: str) -> float:
         return median([getattr(run, name) for run in self.runs])
@@ -220,6 +244,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "asyncio-dl) or asyncio-dl,aria2c",
     )
     p.add_argument("--backends", default=",".join(BACKENDS), help="our backends to run")
+    p.add_argument(
+        "--envs",
+        default=",".join(ENVS),
+        help=f"environments to run every variant in: {', '.join(ENVS)} [all]",
+    )
     p.add_argument("--download", help="path of the download command [beside python / PATH]")
     p.add_argument("--img2dataset", help="path of img2dataset [beside python / PATH]")
     p.add_argument("--i2d-threads", type=int, help="img2dataset --thread_count [concurrency]")
@@ -282,8 +311,8 @@ def run_all(
     w.work = root
     download = find_tool("download", args.download)
     assert download is not None
-    rows = [Row(v) for v in variants]
-    ours_env = {**os.environ, **pin}
+    rows = [Row(v, env) for env in args.envs for v in variants]
+    ours_env = {**environment("clean"), **pin}
     with image_server(download, args.latency_ms, args.pool_size, root, ours_env) as server:
         w.base_url = server.base_url
         (root / "urls.txt").write_text("".join(w.url(i) + "\n" for i in range(w.count)))
@@ -294,22 +323,22 @@ def run_all(
             one.work.mkdir(exist_ok=True)
             (one.work / "urls.txt").write_text(one.url(0) + "\n")
             for row in rows:
-                out = one.work / row.variant.name
+                out = one.work / row.label
                 cmd = row.variant.command(one, out)
-                env = {**os.environ, **row.variant.env, **_pin_for(row, pin)}
-                log = one.work / f"{row.variant.name}.log"
+                env = {**environment(row.env), **row.variant.env, **_pin_for(row, pin)}
+                log = one.work / f"{row.label}.log"
                 m = measure(cmd, log, env, args.timeout, ignore=[server.proc.pid])
                 ok = row.variant.count_ok(one, out) if out.exists() else 0
                 row.startup_s = m.wall_s if ok == 1 else float("nan")
-                print(f"  [n=1] {row.variant.name:<14} {m.wall_s:7.2f} s", file=sys.stderr)
+                print(f"  [n=1] {row.label:<24} {m.wall_s:7.2f} s", file=sys.stderr)
         for r in range(args.repeat):
             shift = r % len(rows)
             for row in rows[shift:] + rows[:shift]:  # rotated: no tool is always first
-                out = root / f"{row.variant.name}-{r}"
+                out = root / f"{row.label}-{r}"
                 cmd = row.variant.command(w, out)
-                env = {**os.environ, **row.variant.env, **_pin_for(row, pin)}
-                log = root / f"{row.variant.name}-{r}.log"
-                if r == 0:
+                env = {**environment(row.env), **row.variant.env, **_pin_for(row, pin)}
+                log = root / f"{row.label}-{r}.log"
+                if r == 0 and row.env == args.envs[0]:
                     print("  $ " + " ".join(cmd), file=sys.stderr)
                 before = proc_cpu_s(server.proc.pid)
                 m = measure(cmd, log, env, args.timeout, ignore=[server.proc.pid])
@@ -321,7 +350,7 @@ def run_all(
                     last = (m.log_tail.strip().splitlines() or ["(no output)"])[-1][:200]
                     row.errors.append(f"run {r}: exit {m.returncode}, {ok} ok; last line: {last}")
                 print(
-                    f"  [{r + 1}/{args.repeat}] {row.variant.name:<14} {m.wall_s:7.2f} s  "
+                    f"  [{r + 1}/{args.repeat}] {row.label:<24} {m.wall_s:7.2f} s  "
                     f"{ok:>6} ok  exit {m.returncode}  cpu {m.cpu_s:6.2f} s",
                     file=sys.stderr,
                 )
@@ -336,7 +365,7 @@ def _pin_for(row: Row, pin: dict[str, str]) -> dict[str, str]:
 
 def ratio(row: Row, rows: list[Row]) -> str:
     base = "img2dataset" if row.variant.kind == THUMB else "curl"
-    ref = next((r for r in rows if r.variant.name == base), None)
+    ref = next((r for r in rows if r.variant.name == base and r.env == row.env), None)
     if ref is None or row is ref:
         return "-" if row is ref else "n/a"
     if ref.images_per_s == 0:
@@ -347,6 +376,22 @@ def ratio(row: Row, rows: list[Row]) -> str:
 
 
 def render(rows: list[Row], args: argparse.Namespace) -> str:
+    head = (
+        f"{args.count} images of {args.size}, server latency {args.latency_ms:g} ms, "
+        f"concurrency {args.concurrency}, medians of {args.repeat} runs "
+        f"({machine_info()['cpus']} CPUs, load {os.getloadavg()[0]:.2f})"
+    )
+    parts = [head]
+    for env in args.envs:
+        in_env = [row for row in rows if row.env == env]
+        parts += ["", f"environment {env} ({ENVS[env][1]}):", _table(in_env, args)]
+        parts.append(_against_ideal(in_env, args))
+    parts += ["", *targets(rows, args.envs, args.latency_ms, _ideal_s(args))]
+    parts += proxy_costs(rows, args.envs, BACKENDS)
+    return "\n".join(part for part in parts if part is not None)
+
+
+def _table(rows: list[Row], args: argparse.Namespace) -> str:
     table = Table(
         [
             "tool/variant", "kind", "median wall s", "images/s", "CPU ms/image", "CPU s",
@@ -371,27 +416,28 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
             ]
             + ([f"{row.startup_s:.2f}"] if args.startup else [])
         )
-    head = (
-        f"{args.count} images of {args.size}, server latency {args.latency_ms:g} ms, "
-        f"concurrency {args.concurrency}, medians of {args.repeat} runs "
-        f"({machine_info()['cpus']} CPUs, load {os.getloadavg()[0]:.2f})"
-    )
-    return head + "\n" + table.render() + _against_ideal(rows, args)
+    return table.render()
 
 
-def _against_ideal(rows: list[Row], args: argparse.Namespace) -> str:
+def _against_ideal(rows: list[Row], args: argparse.Namespace) -> str | None:
     """With latency, the ideal wall time is n x latency / concurrency: how far each run is."""
     if args.latency_ms <= 0:
-        return ""
-    ideal = args.count * args.latency_ms / 1000 / args.concurrency
+        return None
+    ideal = _ideal_s(args)
     parts = [f"{row.variant.name} {row.med('wall_s') / ideal:.2f}x" for row in rows]
-    return f"\nwall time vs the ideal n x latency / concurrency = {ideal:.2f} s: " + ", ".join(
-        parts
-    )
+    return f"wall time vs the ideal n x latency / concurrency = {ideal:.2f} s: " + ", ".join(parts)
+
+
+def _ideal_s(args: argparse.Namespace) -> float:
+    return args.count * args.latency_ms / 1000 / args.concurrency
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.envs = [name.strip() for name in args.envs.split(",") if name.strip()]
+    if not args.envs or set(args.envs) - set(ENVS):
+        print(f"--envs: choose among {', '.join(ENVS)}", file=sys.stderr)
+        return 2
     subreaper = become_subreaper()
     variants, skipped = build_variants(args)
     if not subreaper:
@@ -418,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {line}")
     for row in rows:
         for error in row.errors:
-            print(f"problem: {row.variant.name} {error}")
+            print(f"problem: {row.label} {error}")
     print(
         "peak RSS = largest single process (wait4 ru_maxrss); tree RSS = peak of the summed RSS "
         "of the whole process tree, sampled every 0.1 s; CPU s = user+sys of the whole tree "
@@ -447,8 +493,10 @@ def to_json(
         "pinned": not args.no_pin,
         "subreaper": reaper,
         "skipped": skipped,
+        "envs": {name: ENVS[name][1] for name in args.envs},
         "variants": {
-            row.variant.name: {
+            row.label: {
+                "env": row.env,
                 "tool": row.variant.tool,
                 "kind": row.variant.kind,
                 "note": row.variant.note,

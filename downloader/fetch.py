@@ -3,8 +3,9 @@
 ``check_status``, ``check_declared_length``, ``check_length`` and ``check_body`` decide;
 ``fetch_sync`` (requests) and ``fetch_async`` (aiohttp) are the only two places in the
 package that do HTTP. Both shells share the rest: one table turns either library's
-exceptions into our failures (``failure_for``), and one driver (``_Tries``) counts the
-attempts and asks the tenacity policy (``retry_policy``) whether and when to try again.
+exceptions into our failures (``failure_for``), one policy (``retries.retry_policy``)
+drives tenacity's ``Retrying`` and ``AsyncRetrying`` over the attempts, and the client
+factories (``new_session``, ``new_client``) read the proxies once (``proxy.Proxies``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import email.utils
 import functools
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
-from .politeness import HostGate, host_of
+from .politeness import HostGate
+from .proxy import Proxies
 from .robots import disallowed, parse_directives, user_agent
 from .settings import HttpSettings
 
 if TYPE_CHECKING:
     import aiohttp
     import requests
-    from tenacity import RetryCallState, Retrying
 
 CHUNK = 256 * 1024  # large reads: fewer syscalls and Python-level loop turns per image
 
@@ -171,88 +173,6 @@ def failure_for(
     return None
 
 
-# ---------------------------------------------------------------------------- retry policy
-
-
-class _Wait:
-    """Exponential backoff with full jitter; a longer ``Retry-After`` wins (capped)."""
-
-    def __init__(self, http: HttpSettings) -> None:
-        from tenacity import wait_random_exponential
-
-        self._backoff = wait_random_exponential(multiplier=http.backoff, max=http.max_backoff)
-        self._cap = http.max_backoff
-
-    def __call__(self, state: RetryCallState) -> float:
-        delay = float(self._backoff(state))
-        exc = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            delay = max(delay, min(float(retry_after), self._cap))
-        return delay
-
-
-def retry_policy(http: HttpSettings) -> dict[str, Any]:
-    """The one policy both shells use: what to retry, how often, how long to wait.
-    (tenacity is imported when a first attempt fails: most runs never need it.)"""
-    from tenacity import retry_if_exception_type, stop_after_attempt
-
-    return {
-        "stop": stop_after_attempt(http.retries + 1),
-        "wait": _Wait(http),
-        "retry": retry_if_exception_type(RetryableFetchError),
-    }
-
-
-def host_pause(exc: RetryableFetchError, http: HttpSettings) -> float | None:
-    """How long a throttled host should be left alone by *every* request, or None.
-
-    A 429, or any answer with ``Retry-After``, slows the whole host: without this, 63 other
-    connections keep hammering a server that just asked us to back off.
-    """
-    if exc.retry_after is not None:
-        return min(exc.retry_after, http.max_backoff)
-    if exc.status == 429:
-        return min(max(http.backoff, 1.0), http.max_backoff)
-    return None
-
-
-class _Tries:
-    """The retry driver both shells run: it counts one URL's attempts and, after each
-    failure, pauses a throttling host and asks the policy whether and how long to wait.
-
-    The policy is consulted only after a failure: most images need one attempt, and
-    tenacity's per-call machinery cost more CPU than the rest of our fetch code."""
-
-    def __init__(self, url: str, http: HttpSettings, gate: HostGate | None) -> None:
-        self.url, self.http, self.gate = url, http, gate
-        self.count = 0
-        self._policy: Retrying | None = None
-
-    def start(self) -> None:
-        self.count += 1
-
-    def done(self, fetched: Fetched) -> Fetched:
-        return fetched if self.count == 1 else replace(fetched, attempts=self.count)
-
-    def wait_after(self, exc: FetchError) -> float:
-        """Seconds to wait before the next attempt; raises ``exc`` when there is none."""
-        exc.attempts = self.count
-        if isinstance(exc, RetryableFetchError) and self.gate is not None:
-            pause = host_pause(exc, self.http)
-            if pause:  # a throttling answer pauses every request to the host
-                self.gate.pause(host_of(self.url), pause)
-        from tenacity import RetryCallState, Retrying
-
-        policy = self._policy = self._policy or Retrying(**retry_policy(self.http))
-        state = RetryCallState(policy, None, (), {})
-        state.attempt_number = self.count
-        state.set_exception((type(exc), exc, exc.__traceback__))
-        if not policy.retry(state) or policy.stop(state):
-            raise exc
-        return float(policy.wait(state))
-
-
 # ---------------------------------------------------------------------------- requests shell
 
 
@@ -263,26 +183,51 @@ def fetch_sync(
     sleep: Callable[[float], None] = time.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with requests under the retry policy. Raises ``FetchError``."""
-    tries = _Tries(url, http, gate)
-    while True:
-        tries.start()
-        if gate is not None:
-            gate.wait_sync(url)
-        try:
-            return tries.done(_attempt_sync(session, url, http))
-        except FetchError as exc:
-            sleep(tries.wait_after(exc))
+    """GET ``url`` with requests; after a failure, tenacity's ``Retrying`` runs the retries
+    under ``retry_policy`` (``sleep`` waits between attempts). Raises ``FetchError``.
+
+    The first attempt is made before tenacity is asked: most images need one, and
+    tenacity's machinery costs more CPU than the rest of a fetch (benchmarks/README.md)."""
+    try:
+        return _polite_sync(session, url, http, gate)
+    except FetchError as exc:
+        first = exc
+    from tenacity import Retrying  # only now: a run without a failure never loads it
+
+    from .retries import retry_policy
+
+    for attempt in Retrying(sleep=sleep, **retry_policy(http, gate, url)):
+        with attempt:
+            number = attempt.retry_state.attempt_number
+            try:
+                if number == 1:
+                    raise first  # made above: tenacity decides on it like on any other
+                return replace(_polite_sync(session, url, http, gate), attempts=number)
+            except FetchError as exc:
+                exc.attempts = number
+                raise
+    raise AssertionError("unreachable: tenacity raises the last failure")
+
+
+def _polite_sync(
+    session: requests.Session, url: str, http: HttpSettings, gate: HostGate | None
+) -> Fetched:
+    if gate is not None:
+        gate.wait_sync(url)
+    return _attempt_sync(session, url, http)
 
 
 def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fetched:
     from .deadline import request_deadline
 
+    routes = _proxies_of.get(session)
+    proxies = None if routes is None else routes.for_requests(url)
+
     deadline = time.monotonic() + http.timeout
     try:
         with (
             request_deadline(deadline),
-            session.get(url, stream=True, timeout=http.timeout) as resp,
+            session.get(url, stream=True, timeout=http.timeout, proxies=proxies) as resp,
         ):
             check_status(resp.status_code, resp.headers, url)
             check_opt_out(resp.raw.headers.getlist("X-Robots-Tag"), http, url)
@@ -313,31 +258,75 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
         raise failure from None
 
 
+# ---------------------------------------------------------------------------- the clients
+
+# The proxies each client was made with (``proxy.Proxies``): the environment is read when a
+# client is made, and each request is handed its proxy. A client made elsewhere is not here.
+_proxies_of: weakref.WeakKeyDictionary[object, Proxies] = weakref.WeakKeyDictionary()
+
+
 def proxies_configured() -> bool:
-    """Whether the environment names a proxy. Without one, the clients need not look: with
-    ``trust_env`` requests re-reads every proxy variable on each request, a sizeable share
-    of a small image's CPU (figure in benchmarks/README.md)."""
-    return any(name.lower().endswith("_proxy") for name in os.environ)
+    """Whether the environment names a proxy: ``HTTP_PROXY``, ``HTTPS_PROXY`` or
+    ``ALL_PROXY`` (lowercase too). ``NO_PROXY`` alone names none, and costs nothing."""
+    return Proxies.from_environment() is not None
+
+
+def proxy_for(client: object, url: str) -> str | None:
+    """The proxy a request to ``url`` through ``client`` (from ``new_session`` or
+    ``new_client``) goes through, or None: direct."""
+    proxies = _proxies_of.get(client)
+    return None if proxies is None else proxies.for_url(url)
+
+
+def _proxies(http: HttpSettings) -> Proxies | None:
+    # block_private: never a proxy, the guard must see the address connected to.
+    return None if http.block_private else Proxies.from_environment()
 
 
 def new_session(http: HttpSettings) -> requests.Session:
-    """A requests Session sized for one thread or process."""
+    """A requests Session for one thread or process (its aiohttp twin: ``new_client``)."""
     import requests
 
     from .deadline import DeadlineAdapter
     from .netguard.sync import GuardedAdapter
 
     session = requests.Session()
-    # block_private: an adapter that checks every address it connects to (and no proxy:
-    # the check must see the address connected to).
-    session.trust_env = proxies_configured() and not http.block_private
+    # The environment is read here, once: its proxies, and the CA bundle requests would take.
+    session.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    session.verify = bundle or True  # an empty variable is none, not "do not verify"
+    if (proxies := _proxies(http)) is not None:
+        _proxies_of[session] = proxies
     session.max_redirects = http.max_redirects
     session.headers["User-Agent"] = user_agent(http.user_agent, http.user_agent_token)
+    # block_private: an adapter that checks every address it connects to.
     adapter_class = GuardedAdapter if http.block_private else DeadlineAdapter
     adapter = adapter_class(pool_connections=4, pool_maxsize=4, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def new_client(http: HttpSettings) -> aiohttp.ClientSession:
+    """An aiohttp ClientSession for one event loop, its connector sized by ``http``."""
+    import aiohttp
+
+    from .netguard.aio import GuardedConnector
+
+    if (proxies := _proxies(http)) is not None:
+        proxies.check_aiohttp()
+    # block_private: a connector that checks every address it connects to.
+    connector = (GuardedConnector if http.block_private else aiohttp.TCPConnector)(
+        limit=http.concurrency,
+        limit_per_host=http.per_host or http.concurrency,
+        ttl_dns_cache=300,
+    )
+    # trust_env stays off: the environment is read here, once.
+    agent = user_agent(http.user_agent, http.user_agent_token)
+    client = aiohttp.ClientSession(connector=connector, headers={"User-Agent": agent})
+    if proxies is not None:
+        _proxies_of[client] = proxies
+    return client
 
 
 # ---------------------------------------------------------------------------- aiohttp shell
@@ -350,22 +339,45 @@ async def fetch_async(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     gate: HostGate | None = None,
 ) -> Fetched:
-    """GET ``url`` with aiohttp under the retry policy. Raises ``FetchError``."""
-    tries = _Tries(url, http, gate)
-    while True:
-        tries.start()
-        if gate is not None:
-            await gate.wait_async(url)
-        try:
-            return tries.done(await _attempt_async(session, url, http))
-        except FetchError as exc:
-            await sleep(tries.wait_after(exc))
+    """GET ``url`` with aiohttp; after a failure, tenacity's ``AsyncRetrying`` runs the
+    retries under ``retry_policy`` (``sleep`` waits between attempts). Raises
+    ``FetchError``. The first attempt is made before tenacity is asked, as in ``fetch_sync``."""
+    try:
+        return await _polite_async(session, url, http, gate)
+    except FetchError as exc:
+        first = exc
+    from tenacity import AsyncRetrying
+
+    from .retries import retry_policy
+
+    async for attempt in AsyncRetrying(sleep=sleep, **retry_policy(http, gate, url)):
+        with attempt:
+            number = attempt.retry_state.attempt_number
+            try:
+                if number == 1:
+                    raise first  # made above: tenacity decides on it like on any other
+                return replace(await _polite_async(session, url, http, gate), attempts=number)
+            except FetchError as exc:
+                exc.attempts = number
+                raise
+    raise AssertionError("unreachable: tenacity raises the last failure")
+
+
+async def _polite_async(
+    session: aiohttp.ClientSession, url: str, http: HttpSettings, gate: HostGate | None
+) -> Fetched:
+    if gate is not None:
+        await gate.wait_async(url)
+    return await _attempt_async(session, url, http)
 
 
 async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSettings) -> Fetched:
     try:
         async with session.get(
-            url, timeout=_client_timeout(http.timeout), max_redirects=http.max_redirects
+            url,
+            timeout=_client_timeout(http.timeout),
+            max_redirects=http.max_redirects,
+            proxy=proxy_for(session, url),
         ) as resp:
             check_status(resp.status, resp.headers, url)
             check_opt_out(resp.headers.getall("X-Robots-Tag", ()), http, url)

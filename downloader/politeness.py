@@ -45,6 +45,12 @@ class HostGate:
             until = time.monotonic() + seconds
             self._paused_until[host] = max(self._paused_until.get(host, 0.0), until)
 
+    def paused_for(self, host: str) -> float:
+        """Seconds left of ``host``'s pause (0 if none), taking no slot: what a retry
+        waits at least (``retries.PoliteWait``)."""
+        with self._lock:
+            return max(0.0, self._paused_until.get(host, 0.0) - time.monotonic())
+
     def wait_sync(self, url: str) -> None:
         delay = self.reserve(host_of(url))
         if delay > 0:

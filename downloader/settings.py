@@ -98,7 +98,10 @@ class HttpSettings(Checked):
     )
     user_agent: str = setting("downloader/0.1 (+https://github.com/)", "User-Agent header.")
     block_private: bool = setting(
-        False, "Connect only to public addresses: refuse loopback, private, link-local, ..."
+        False,
+        "Connect only to public addresses: refuse loopback, private, link-local, ...; "
+        "never through a proxy (HTTP_PROXY etc. are ignored: the check must see the "
+        "address connected to).",
     )
 
     disallowed_header_directives: str = setting(

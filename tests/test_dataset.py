@@ -5,6 +5,7 @@ X-Robots-Tag opt-out; input tables in every format."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import gzip
 import io
@@ -59,12 +60,14 @@ class Site:
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        self.agents: list[str] = []
         self.server = RunningServer("127.0.0.1", 0)
 
     def app(self) -> web.Application:
         async def serve(request: web.Request) -> web.Response:
             kind, n = request.match_info["kind"], int(request.match_info["n"])
             self.hits[f"{kind}/{n}"] += 1
+            self.agents.append(request.headers.get("User-Agent", ""))
             if kind == "gone":
                 raise web.HTTPNotFound()
             if kind == "tiny":
@@ -275,6 +278,18 @@ def test_x_robots_tag_opt_out(
     run(settings)
     ok = {kinds[r["index"]] for r in records(tmp_path / "out") if r["status"] == "ok"}
     assert ok == saved
+
+
+@pytest.mark.parametrize("backend", ["threads", "asyncio"])
+def test_the_user_agent_token_is_in_the_user_agent(
+    backend: str, site: Site, tmp_path: Path
+) -> None:
+    url = site.url("img", 0).replace("/0", "/{i}")
+    settings = make_settings(backend, tmp_path / "out", url, 1)
+    settings = settings.replace(http=dataclasses.replace(settings.http, user_agent_token="mybot"))
+    site.agents.clear()
+    assert run(settings).ok == 1
+    assert site.agents and all(a.endswith("(compatible; mybot)") for a in site.agents)
 
 
 # ---------------------------------------------------------------------------- inputs

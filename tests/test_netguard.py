@@ -19,17 +19,23 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from conftest import CONTRACT_BACKENDS, make_settings, server_stats
 
 from downloader import netguard
-from downloader.backends.aio import new_client
 from downloader.config import load_settings
 from downloader.deadline import DeadlineAdapter
 from downloader.errors import FetchError, RetryableFetchError
-from downloader.fetch import Fetched, fetch_async, fetch_sync, new_session
+from downloader.fetch import (
+    Fetched,
+    fetch_async,
+    fetch_sync,
+    new_client,
+    new_session,
+    proxy_for,
+)
 from downloader.netguard import AddressRefusedError, IPAddress, allowed, check_address
 from downloader.netguard.aio import GuardedConnector, GuardedResolver
 from downloader.netguard.sync import GuardedAdapter
 from downloader.pipeline import run
 from downloader.server import make_app, render_photo, server_thread
-from downloader.settings import HttpSettings, ServerSettings, Settings
+from downloader.settings import HttpSettings, ServerSettings
 
 HTTP = HttpSettings(retries=2, backoff=0.01, max_backoff=0.05, timeout=10)
 SHELLS = ["aiohttp", "requests"]
@@ -255,7 +261,7 @@ def fetch_as_configured(shell: str, url: str) -> None:
         return
 
     async def go() -> None:
-        async with new_client(Settings(http=http)) as session:
+        async with new_client(http) as session:
             await fetch_async(session, url, http)
 
     asyncio.run(go())
@@ -376,10 +382,10 @@ async def test_off_leaves_the_clients_as_they_were(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
     with new_session(HttpSettings()) as session:
         assert type(session.get_adapter("http://x.test/")) is DeadlineAdapter
-        assert session.trust_env
-    async with new_client(Settings()) as client:
+        assert proxy_for(session, "http://x.test/") == "http://proxy.test:3128"
+    async with new_client(HttpSettings()) as client:
         assert type(client.connector) is aiohttp.TCPConnector
-        assert client.trust_env
+        assert proxy_for(client, "http://x.test/") == "http://proxy.test:3128"
 
 
 async def test_on_guards_both_clients_and_ignores_proxies(
@@ -390,9 +396,11 @@ async def test_on_guards_both_clients_and_ignores_proxies(
     with new_session(http) as session:
         assert isinstance(session.get_adapter("https://x.test/"), GuardedAdapter)
         assert not session.trust_env
-    async with new_client(Settings(http=http)) as client:
+        assert proxy_for(session, "http://x.test/") is None
+    async with new_client(http) as client:
         assert isinstance(client.connector, GuardedConnector)
         assert not client.trust_env
+        assert proxy_for(client, "http://x.test/") is None
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
+import responses
 from aiohttp import web
 from conftest import (
     FakeAsyncSleep,
@@ -21,7 +22,7 @@ from conftest import (
 )
 
 from downloader import politeness
-from downloader.fetch import fetch_async
+from downloader.fetch import fetch_async, fetch_sync, new_session
 from downloader.pipeline import run
 from downloader.politeness import HostGate, host_of
 from downloader.server import server_thread
@@ -168,3 +169,36 @@ async def test_fetch_async_pauses_the_gate_on_429() -> None:
     # The retry went through the gate: it reached the server after the pause ended.
     assert throttler.throttled_at is not None
     assert throttler.arrivals[1][0] >= throttler.throttled_at + 1.0 - 0.005
+
+
+def test_a_retry_sleeps_out_the_host_pause(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host paused by another request while this one's attempt failed: the retry's own
+    sleep (injected, and cut short by a stop) waits out that pause, not the gate."""
+    url = "http://paused.test/1.jpg"
+    gate = HostGate()
+    gate_waits: list[float] = []
+
+    def wait_at_gate(target: str) -> None:  # the gate's wait, on the fake clock
+        gate_waits.append(gate.reserve(host_of(target)))
+        clock.now += gate_waits[-1]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    def paused_by_another(request: object) -> tuple[int, dict[str, str], bytes]:
+        gate.pause(host_of(url), 2.0)  # say, a sibling request's 429
+        return 503, {}, b""
+
+    slept: list[float] = []
+    monkeypatch.setattr(gate, "wait_sync", wait_at_gate)
+    http = HttpSettings(retries=1, backoff=0.01, max_backoff=30)
+    with responses.RequestsMock() as rsps, new_session(http) as session:
+        rsps.add_callback(responses.GET, url, callback=paused_by_another)
+        rsps.get(url, body=jpeg(0), content_type="image/jpeg")
+        fetched = fetch_sync(session, url, http, sleep=sleep, gate=gate)
+    assert fetched.attempts == 2
+    assert slept == [pytest.approx(2.0)]  # the backoff alone is at most 0.01 s
+    assert gate_waits == [0.0, 0.0]

@@ -15,14 +15,10 @@ from collections.abc import AsyncIterable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import aiohttp
-
-from ..fetch import proxies_configured
+from ..fetch import new_client
 from ..jobs import Job, may_block
-from ..netguard.aio import GuardedConnector
 from ..placement import Placement, WritePlace, placement
 from ..politeness import HostGate
-from ..robots import user_agent
 from ..settings import Settings
 from ..stop import StopToken
 from ..thumbnails import ImageInfo
@@ -86,22 +82,6 @@ async def _feed_from_thread(jobs: Iterable[Job], queue: asyncio.Queue[Job | None
     await done
 
 
-def new_client(settings: Settings) -> aiohttp.ClientSession:
-    http = settings.http
-    # block_private: a connector that checks every address it connects to (and no proxy:
-    # the check must see the address connected to).
-    connector = (GuardedConnector if http.block_private else aiohttp.TCPConnector)(
-        limit=http.concurrency,
-        limit_per_host=http.per_host or http.concurrency,
-        ttl_dns_cache=300,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": user_agent(http.user_agent, http.user_agent_token)},
-        trust_env=proxies_configured() and not http.block_private,
-    )
-
-
 async def run_pipeline(
     jobs: Iterable[Job],
     settings: Settings,
@@ -159,7 +139,7 @@ async def run_jobs(
     write_files = async_write(write)
 
     gate = gate or HostGate(settings.http.rate)
-    async with new_client(settings) as session:
+    async with new_client(settings.http) as session:
 
         async def worker() -> None:
             while (job := await queue.get()) is not _DONE:
