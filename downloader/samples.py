@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -51,17 +51,9 @@ class SampleSpec:
 
     @classmethod
     def of(cls, dataset: DatasetSettings) -> SampleSpec:
-        return cls(
-            resize_mode=dataset.resize_mode,
-            image_size=dataset.image_size,
-            resize_only_if_bigger=dataset.resize_only_if_bigger,
-            encode_format=dataset.encode_format,
-            encode_quality=dataset.encode_quality,
-            min_image_size=dataset.min_image_size,
-            max_image_area=dataset.max_image_area,
-            max_aspect_ratio=dataset.max_aspect_ratio,
-            keep_original=dataset.output_format == "files",
-        )
+        """The spec a run's dataset settings ask for (the same names, but one)."""
+        named = {f.name: getattr(dataset, f.name) for f in fields(cls) if f.name != "keep_original"}
+        return cls(**named, keep_original=dataset.output_format == "files")
 
     @property
     def ext(self) -> str:

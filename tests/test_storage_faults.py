@@ -46,7 +46,7 @@ from downloader.lock import LOCK, OutputLock, holder
 from downloader.manifest import ManifestWriter
 from downloader.pipeline import run
 from downloader.result import Result
-from downloader.server import make_app, server_thread
+from downloader.server import RunningServer, make_app, server_thread
 from downloader.settings import ServerSettings
 from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256, storage_fault
 
@@ -482,11 +482,11 @@ def remount(folder: Path, options: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
-def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
-    backend: str, tmp_path: Path
-) -> None:
-    count = 80  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+@contextmanager
+def small_disk(
+    tmp_path: Path, backend: str, count: int, *extra: str
+) -> Iterator[tuple[Path, Path, list[str], RunningServer]]:
+    """A 1 MiB file system, a server, and the arguments of a run of 320x240 images into it."""
     with (
         tmpfs(tmp_path / "small", "1m") as small,
         server_thread(make_app(ServerSettings(seed=2))) as server,
@@ -494,6 +494,15 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
         out = small / "pic"
         args = cli_args(server.base_url, out, count, backend, concurrency=4)
         args[args.index("--size") + 1] = "320x240"
+        yield small, out, [*args, *extra], server
+
+
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
+def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
+    backend: str, tmp_path: Path
+) -> None:
+    count = 80  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+    with small_disk(tmp_path, backend, count) as (small, out, args, server):
         full = run_cli(args, tmp_path, ENV)
         fetched = server_stats(server)
         assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
@@ -661,14 +670,8 @@ def test_a_full_disk_mid_shard_stops_the_run_and_resume_completes_the_shards(
     backend: str, tmp_path: Path
 ) -> None:
     count, size = 120, 20  # ~19 KiB a 320x240 sample: 1 MiB holds a few shards, not six
-    with (
-        tmpfs(tmp_path / "small", "1m") as small,
-        server_thread(make_app(ServerSettings(seed=2))) as server,
-    ):
-        out = small / "pic"
-        args = cli_args(server.base_url, out, count, backend, concurrency=4)
-        args[args.index("--size") + 1] = "320x240"
-        args += ["--output-format", "webdataset", "--samples-per-shard", str(size)]
+    shards = ["--output-format", "webdataset", "--samples-per-shard", str(size)]
+    with small_disk(tmp_path, backend, count, *shards) as (small, out, args, _):
         full = run_cli(args, tmp_path, ENV)
         assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
         committed = sorted(p.name for p in out.glob("*.tar"))
