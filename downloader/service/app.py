@@ -9,6 +9,7 @@ so a bad one gets the CLI's one-line message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,15 +19,18 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..netguard import is_loopback
 from ..settings import Settings
-from . import api, pages, streams
+from . import api, metrics, pages, streams
 from .feed import Feeds, Topic
 from .keys import EVENTS, FEEDS, RUNNER, SETTINGS, STORE
 from .runner import Runner
 from .store import Store
+from .tally import tally
 from .views import ApiError
+from .webhooks import Webhooks
 
 MAX_BODY = 1024 * 1024
 OPEN_PATHS = frozenset({"/api/v1/login", "/api/v1/health"})
+GUARDED = ("/api/", "/files/", "/metrics")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,12 +65,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a token, /api and /files need it (header or the page's cookie). Without one
+    """With a token, /api, /files and /metrics need it (header or the page's cookie). Without one
     (loopback only), a request must come from this machine's own pages: a ``Host`` that
     names the service (a DNS-rebinding page's does not) and no foreign ``Origin`` (another
     site's page could otherwise post jobs)."""
     service = request.app[SETTINGS].service
-    guarded = request.path.startswith(("/api/", "/files/")) and request.path not in OPEN_PATHS
+    guarded = request.path.startswith(GUARDED) and request.path not in OPEN_PATHS
     if service.token and guarded and not _has_token(request, service.token):
         raise ApiError(401, "missing or wrong token")
     if not service.token and guarded:
@@ -95,7 +99,7 @@ def make_app(settings: Settings) -> web.Application:
     app[EVENTS] = Topic()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
-    for routes in (pages.routes, api.routes, streams.routes):
+    for routes in (pages.routes, api.routes, streams.routes, metrics.routes):
         app.add_routes(routes)
     return app
 
@@ -104,14 +108,17 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     data = app[SETTINGS].service.data
     await asyncio.to_thread(_make_folders, data)
     store = Store(data / "jobs.sqlite")
-    feeds = Feeds(data / "jobs")
-    runner = Runner(store, data, app[SETTINGS].service.max_jobs, app[EVENTS], feeds)
+    feeds = Feeds(data / "jobs", on_new=functools.partial(tally, store))
+    webhooks = Webhooks(store, app[SETTINGS].service)
+    runner = Runner(store, data, app[SETTINGS].service.max_jobs, app[EVENTS], feeds, webhooks.ended)
     app[STORE], app[FEEDS], app[RUNNER] = store, feeds, runner
+    webhooks.start()
     runner.start()
     try:
         yield
     finally:
         await runner.stop()
+        await webhooks.stop()
         store.close()
 
 
