@@ -19,7 +19,7 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..netguard import is_loopback
 from ..settings import Settings
-from . import api, metrics, pages, streams
+from . import api, metrics, openapi, pages, streams
 from .feed import Feeds, Topic
 from .keys import EVENTS, FEEDS, RUNNER, SETTINGS, STORE
 from .runner import Runner
@@ -99,7 +99,7 @@ def make_app(settings: Settings) -> web.Application:
     app[EVENTS] = Topic()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
-    for routes in (pages.routes, api.routes, streams.routes, metrics.routes):
+    for routes in (pages.routes, api.routes, streams.routes, metrics.routes, openapi.routes):
         app.add_routes(routes)
     return app
 
