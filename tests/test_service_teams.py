@@ -334,3 +334,37 @@ async def test_a_webhook_to_a_private_address_is_refused(
         assert hooks.got == []
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------------------- logins
+
+
+async def test_ten_wrong_tokens_a_minute_and_the_login_answers_429(tmp_path: Path) -> None:
+    client = await start(tmp_path / "data", token="t0ken")
+    try:
+        for _ in range(10):
+            wrong = await client.post("/api/v1/login", json={"token": "guess"})
+            assert wrong.status == 401
+        for token in ("guess", "t0ken"):  # the right one too, until the minute is over
+            limited = await client.post("/api/v1/login", json={"token": token})
+            assert limited.status == 429
+            assert 1 <= int(limited.headers["Retry-After"]) <= 60
+            assert "too many wrong tokens" in (await limited.json())["error"]
+    finally:
+        await client.close()
+
+
+def test_the_login_limit_forgets_after_a_minute() -> None:
+    from downloader.service.logins import LoginLimit
+
+    now = [1000.0]
+    limit = LoginLimit(clock=lambda: now[0])
+    for _ in range(9):
+        limit.wrong("192.0.2.1")
+        now[0] += 1
+    assert limit.retry_after("192.0.2.1") is None  # nine: not yet
+    limit.wrong("192.0.2.1")
+    assert limit.retry_after("192.0.2.1") == 51  # the first leaves the window at 1060
+    assert limit.retry_after("192.0.2.2") is None  # one address's guesses only
+    now[0] = 1060.0
+    assert limit.retry_after("192.0.2.1") is None

@@ -21,7 +21,8 @@ from ..netguard import is_loopback
 from ..settings import Settings
 from . import api, metrics, openapi, pages, streams
 from .feed import Feeds, Topic
-from .keys import EVENTS, FEEDS, RUNNER, SETTINGS, STORE
+from .keys import EVENTS, FEEDS, LOGINS, RUNNER, SETTINGS, STORE
+from .logins import LoginLimit
 from .runner import Runner
 from .store import Store
 from .tally import tally
@@ -53,7 +54,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return error_response(exc.status, str(exc), **extra)
+        return error_response(exc.status, str(exc), **extra, **exc.headers)
     except ConfigError as exc:
         return error_response(400, str(exc))
     except web.HTTPException as exc:
@@ -97,6 +98,7 @@ def make_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors, auth])
     app[SETTINGS] = settings
     app[EVENTS] = Topic()
+    app[LOGINS] = LoginLimit()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
     for routes in (pages.routes, api.routes, streams.routes, metrics.routes, openapi.routes):

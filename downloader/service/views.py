@@ -15,9 +15,10 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **headers: str) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def job_json(row: JobRow) -> str:
