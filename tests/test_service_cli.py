@@ -26,8 +26,10 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )  # fmt: skip
     try:
         found = wait_for(
-            lambda: re.search(r"serving on (http://127\.0\.0\.1:\d+)", log.read_text())
-            or proc.poll() is not None,
+            lambda: (
+                re.search(r"serving on (http://127\.0\.0\.1:\d+)", log.read_text())
+                or proc.poll() is not None
+            ),
             "the service to listen",
         )
         assert isinstance(found, re.Match), log.read_text()
