@@ -82,6 +82,7 @@ def test_schemathesis_finds_every_answer_as_documented(tmp_path: Path) -> None:
              "--max-examples", "8", "--seed", "22", "--no-shrink", "--workers", "1",
              "--request-timeout", "20", "--exclude-path-regex", "/events$"],
             capture_output=True, text=True, timeout=300, env=child_env(NO_COLOR="1"),
+            cwd=tmp_path,  # its cache goes there, not into the checkout
         )  # fmt: skip
     finally:
         service.terminate()
