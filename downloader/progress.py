@@ -33,7 +33,8 @@ class ProgressReporter:
 
     def start(self, to_run: int | None, kept: int) -> None:
         if kept:
-            self._say(f"resuming: {kept} images kept, {to_run} to fetch")
+            rest = "the rest of the list" if to_run is None else to_run  # a streamed list
+            self._say(f"resuming: {kept} images kept, {rest} to fetch")
         self._update(total=to_run)
 
     def result(self, result: Result) -> None:

@@ -148,3 +148,14 @@ def test_a_slow_stdin_list_does_not_stall_downloads_in_flight(tmp_path: Path) ->
     assert waited == [True], "the producer's wait held back the downloads in flight"
     assert sorted(r.index for r in results) == [0, 1, 2, 3]
     assert all(r.ok for r in results), [r.error for r in results]
+
+
+def test_resuming_a_url_list_says_what_it_keeps(image_server: ImageServer, tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{image_server.base}/320/240?lock={i}\n" for i in range(3)))
+    args = ["--urls", str(listing), "--out", str(tmp_path / "out"), "-q", "--thumbnail-size", "0"]
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args, "--resume")
+    assert again.exit_code == 0
+    assert "resuming: 3 images kept, the rest of the list to fetch" in again.output
+    assert "None" not in again.output
