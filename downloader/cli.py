@@ -125,6 +125,12 @@ def download_overrides(options: dict[str, Any]) -> dict[str, Any]:
     help="TOML file layered over the defaults (same keys as config/default.toml).",
 )
 @click.option("-v", "--verbose", count=True, help="Print every failure as it happens.")
+@click.option(
+    "--timeline",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Draw every image's wait, cpu and write spans, lane by thread, to FILE (.png or .svg).",
+)
 @click.version_option(package_name="downloader")
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> int:
@@ -151,16 +157,28 @@ def main(ctx: click.Context, /, **options: Any) -> int:
         ctx.obj = options
         return ExitCode.OK
     settings = settings_from_options(options)
-    return _download(settings, verbose=options["verbose"])
+    timeline: Path | None = options["timeline"]
+    if timeline is not None:
+        from .timeline_chart import check_timeline_file
+
+        check_timeline_file(timeline)
+        settings = settings.replace(timeline=True)
+    return _download(settings, verbose=options["verbose"], timeline=timeline)
 
 
-def _download(settings: Settings, verbose: int) -> int:
+def _download(settings: Settings, verbose: int, timeline: Path | None = None) -> int:
     from .pipeline import run
     from .progress import ProgressReporter
 
     with ProgressReporter(settings, verbose) as reporter:
         report = run(settings, reporter, keep_results=False)
     click.echo(report.summary())
+    if timeline is not None:
+        from .timeline_chart import Panel, draw
+
+        panel = Panel(settings.backend, report.spans, bool(settings.thumbnails.python_cpu_ms))
+        draw([[panel]], timeline)
+        click.echo(f"timeline: {timeline}", err=True)
     if report.note:
         click.echo(report.note, err=True)
     if report.fault:
@@ -244,7 +262,9 @@ def submit(ctx: click.Context, /, **options: Any) -> int:
 
 
 # The usual download options work after `submit` too (the same option objects).
-submit.params.extend(param for param in main.params if param.name not in {"version", "help"})
+submit.params.extend(
+    param for param in main.params if param.name not in {"version", "help", "timeline"}
+)
 
 
 @main.command()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import StorageFault
+from .timeline import Span
 
 DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which is removed
 
@@ -30,6 +31,8 @@ class Result:
     # A storage fault that will hit every later image too (disk full, OUT gone...): its
     # cause and fix. Such a result stops the run and is never recorded.
     fault: StorageFault | None = None
+    # Its wait, cpu and write spans (Settings.timeline only); never in the manifest.
+    spans: tuple[Span, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -50,7 +53,7 @@ class Result:
         return cls(**fields)
 
 
-_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name != "fault")  # manifest fields
+_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name not in ("fault", "spans"))
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Report:
     unique: int | None = None  # --unique: distinct images kept
     note: str | None = None  # something the user must hear, e.g. why --unique gave up
     fault: StorageFault | None = None  # the storage fault that stopped the run
+    spans: list[Span] = field(default_factory=list, repr=False)  # Settings.timeline: run's time
 
     def add(self, result: Result) -> None:
         if result.ok:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
 from .magic import ends_complete, sniff
+from .timeline import Ran
 
 # Formats we accept; restricting Image.open keeps exotic decoders away from untrusted bytes.
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
@@ -34,6 +35,7 @@ class ImageInfo:
     height: int
     thumbnail: bytes | None
     sha256: str  # of the original bytes: hashed here, off the event loop
+    ran: Ran | None = None  # where and when it was made (only with Settings.timeline)
 
 
 def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full") -> ImageInfo:
