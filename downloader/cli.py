@@ -284,6 +284,10 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     wanted = CompareSettings(**{key: value for key, value in given.items() if value is not None})
     if wanted.chart is not None:
         scoreboard.check_chart_dependency()
+    if wanted.timeline is not None:
+        from .timeline_chart import check_timeline_file
+
+        check_timeline_file(wanted.timeline)
     config = (ctx.obj or {}).get("config")
     request = comparing.Request(wanted, _size(wanted.size), config)
 
@@ -298,4 +302,6 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
         scoreboard.write_json(outcomes, wanted.json)
     if wanted.chart is not None:
         scoreboard.write_chart(outcomes, wanted.chart)
+    if wanted.timeline is not None:
+        scoreboard.write_timeline(outcomes, wanted.timeline)
     return ExitCode.OK if not any(outcome.failed for outcome in outcomes) else ExitCode.FAILED

@@ -81,7 +81,16 @@ class Laps:
         phase = PHASES[self._phase]
         if ran is not None:
             self.spans.append(
-                Span(self.index, phase, ran.start, ran.end, ran.process, ran.thread, None, ran.cpu)
+                Span(
+                    self.index,
+                    phase,
+                    ran.start,
+                    ran.end,
+                    ran.process,
+                    ran.thread,
+                    self.slot,
+                    ran.cpu,
+                )
             )
         else:
             start = self._since

@@ -83,8 +83,8 @@ def draw(grid: Sequence[Sequence[Panel]], path: Path, heading: str = "") -> None
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
     if heading:
         fig.suptitle(heading, fontsize=10)
-    top = 1 - (0.5 / (2.3 * rows + 0.9) if heading else 0)
-    fig.tight_layout(rect=(0, 0.35 / (2.3 * rows + 0.9), 1, top))
+    height = 2.3 * rows + 0.9  # inches
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - (0.3 / height if heading else 0)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
