@@ -11,12 +11,18 @@ no span is made and a Result's ``spans`` stays the empty tuple.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .result import Result
 
 Phase = Literal["wait", "cpu", "write"]
 PHASES: tuple[Phase, ...] = ("wait", "cpu", "write")
@@ -171,3 +177,46 @@ def lanes(spans: Iterable[Span]) -> dict[int, list[int]]:
 
 def to_json(spans: Iterable[Span]) -> dict[str, Any]:
     return {"spans": [span.to_json() for span in spans]}
+
+
+class SpanLog:
+    """An ``Observer`` of a run that appends every result's spans to a JSON-lines file as
+    it arrives (seconds since the run began), for a reader that follows the run live: the
+    service's job page. The file is started afresh by each run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+        self._origin = 0.0
+
+    def start(self, to_run: int | None, kept: int) -> None:
+        if self._file is None:  # a --unique run starts once per round: one file for all
+            self._origin = time.time()
+            self._file = self.path.open("w", encoding="utf-8")
+
+    def result(self, result: Result) -> None:
+        if self._file is None or not result.spans:
+            return
+        lines = (json.dumps(s.shifted(self._origin).to_json()) + "\n" for s in result.spans)
+        self._file.write("".join(lines))
+        self._file.flush()  # a line at a time: the reader never waits for a buffer
+
+    def __enter__(self) -> SpanLog:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_log(path: Path, after: int = 0) -> list[dict[str, Any]]:
+    """The spans of a ``SpanLog`` file from line ``after`` on; a line still being written
+    (no newline yet) is left for the next read."""
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        return []
+    whole = text.splitlines(keepends=True)
+    return [json.loads(line) for line in whole[after:] if line.endswith("\n")]

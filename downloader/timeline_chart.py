@@ -5,6 +5,7 @@ so overlap shows as height, never as bars drawn over each other."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,12 @@ def draw(grid: Sequence[Sequence[Panel]], path: Path, heading: str = "") -> None
         axes[len(column) - 1][c].set_xlabel("seconds since the run began")
     handles = [Patch(color=COLOURS[phase], label=LABELS[phase]) for phase in PHASES]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
+    heading = textwrap.fill(heading, 100 * len(grid))
     if heading:
-        fig.suptitle(heading, fontsize=10)
+        fig.suptitle(heading, fontsize=9)
     height = 2.3 * rows + 0.9  # inches
-    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - (0.3 / height if heading else 0)))
+    lines = heading.count("\n") + 1 if heading else 0
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.2 * lines / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..netguard import is_loopback
 from ..settings import Settings
-from . import api, pages, streams
+from . import api, pages, streams, timeline_api
 from .feed import Feeds, Topic
 from .keys import EVENTS, FEEDS, RUNNER, SETTINGS, STORE
 from .runner import Runner
@@ -95,7 +95,7 @@ def make_app(settings: Settings) -> web.Application:
     app[EVENTS] = Topic()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
-    for routes in (pages.routes, api.routes, streams.routes):
+    for routes in (pages.routes, api.routes, streams.routes, timeline_api.routes):
         app.add_routes(routes)
     return app
 
