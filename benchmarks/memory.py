@@ -4,6 +4,7 @@ pulled lazily through a bounded queue and results are streamed to the manifest.)
 
     python benchmarks/memory.py [--counts 1000,20000] [--backend asyncio] [--size 320x240]
         [--concurrency 64] [--thumbnail-size 0] [--local] [--repeat 1] [--json FILE]
+        [--extra '--output-format webdataset --samples-per-shard 10000']
 
 Runs ``download --backend B -n N`` once per count (and per repeat) as a whole process
 against one ``download serve`` started here (or with ``--local``, the downloader's own
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--local", action="store_true", help="use download --local, no server here")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument(
+        "--extra", default="", help="more flags for download, e.g. '--output-format webdataset'"
+    )
     p.add_argument("--download", help="path of the download command [beside python / PATH]")
     p.add_argument(
         "--no-pin",
@@ -79,12 +84,20 @@ def command(args: argparse.Namespace, download: str, count: int, out: Path, base
         cmd += ["--url", f"{base}/{{width}}/{{height}}?lock={{i}}"]
     if args.thumbnail_size is not None:
         cmd += ["--thumbnail-size", str(args.thumbnail_size)]
-    return cmd
+    return cmd + args.extra.split()
 
 
 def count_ok(out: Path) -> int:
+    """The images saved: JPEG files, or the samples of the shards of a shard format."""
     if not out.is_dir():
         return 0
+    tars = sorted(out.glob("[0-9]*.tar"))
+    if tars:
+        total = 0
+        for path in tars:
+            with tarfile.open(path) as tar:
+                total += sum(1 for m in tar if m.name.endswith(".jpg"))
+        return total
     return sum(1 for p in out.iterdir() if p.suffix == ".jpg" and good_image(p))
 
 

@@ -17,12 +17,13 @@ from .errors import (
     StorageFaultError,
 )
 from .result import Report, Result
-from .settings import HttpSettings, ServerSettings, Settings, ThumbnailSettings
+from .settings import DatasetSettings, HttpSettings, ServerSettings, Settings, ThumbnailSettings
 from .stop import StopToken
 
 __all__ = [
     "ClusterUnreachableError",
     "ConfigError",
+    "DatasetSettings",
     "DownloaderError",
     "FetchError",
     "HttpSettings",

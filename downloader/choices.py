@@ -14,3 +14,7 @@ Match = Literal["", "all", "any"]
 EventLoop = Literal["auto", "asyncio"]
 Verify = Literal["full", "header"]
 ScenarioName = Literal["io", "cpu", "gil", "all"]  # download compare --scenario
+InputFormat = Literal["auto", "txt", "csv", "tsv", "json", "jsonl", "parquet"]  # --urls
+OutputFormat = Literal["files", "webdataset", "parquet"]
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+EncodeFormat = Literal["jpg", "png", "webp"]

@@ -139,4 +139,8 @@ def load_settings(
         for key, value in layer.items():
             if value is not None:
                 values[key] = coerce(key, value, origin)
+    if values.get("dataset.output_format", "files") != "files" and not any(
+        layer.get("thumbnails.size") is not None for _, layer in layers[1:]
+    ):
+        values["thumbnails.size"] = 0  # thumbnails are off by default with shards
     return build(values)

@@ -16,7 +16,7 @@ import functools
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from .errors import FetchError, InvalidImageError, RetryableFetchError
 from .magic import looks_like_image
 from .politeness import HostGate
 from .proxy import Proxies
+from .robots import disallowed, parse_directives, user_agent
 from .settings import HttpSettings
 
 if TYPE_CHECKING:
@@ -73,6 +74,16 @@ def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
         retry_after = parse_retry_after(headers.get("Retry-After"))
         raise RetryableFetchError(f"HTTP {status} from {url}", retry_after, status)
     raise FetchError(f"HTTP {status} from {url}")
+
+
+def check_opt_out(values: Iterable[str], http: HttpSettings, url: str) -> None:
+    """Refuse an image whose ``X-Robots-Tag`` opts it out (``robots.disallowed``)."""
+    if not values:
+        return
+    banned = parse_directives(http.disallowed_header_directives)
+    hit = disallowed(values, banned, http.user_agent_token)
+    if hit:
+        raise FetchError(f"X-Robots-Tag {hit}: the site opts this image out: {url}")
 
 
 def check_declared_length(value: str | None, max_bytes: int) -> int | None:
@@ -219,6 +230,7 @@ def _attempt_sync(session: requests.Session, url: str, http: HttpSettings) -> Fe
             session.get(url, stream=True, timeout=http.timeout, proxies=proxies) as resp,
         ):
             check_status(resp.status_code, resp.headers, url)
+            check_opt_out(resp.raw.headers.getlist("X-Robots-Tag"), http, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             chunks: list[bytes] = []
             size = 0
@@ -286,7 +298,7 @@ def new_session(http: HttpSettings) -> requests.Session:
     if (proxies := _proxies(http)) is not None:
         _proxies_of[session] = proxies
     session.max_redirects = http.max_redirects
-    session.headers["User-Agent"] = http.user_agent
+    session.headers["User-Agent"] = user_agent(http.user_agent, http.user_agent_token)
     # block_private: an adapter that checks every address it connects to.
     adapter_class = GuardedAdapter if http.block_private else DeadlineAdapter
     adapter = adapter_class(pool_connections=4, pool_maxsize=4, max_retries=0)
@@ -310,7 +322,8 @@ def new_client(http: HttpSettings) -> aiohttp.ClientSession:
         ttl_dns_cache=300,
     )
     # trust_env stays off: the environment is read here, once.
-    client = aiohttp.ClientSession(connector=connector, headers={"User-Agent": http.user_agent})
+    agent = user_agent(http.user_agent, http.user_agent_token)
+    client = aiohttp.ClientSession(connector=connector, headers={"User-Agent": agent})
     if proxies is not None:
         _proxies_of[client] = proxies
     return client
@@ -367,6 +380,7 @@ async def _attempt_async(session: aiohttp.ClientSession, url: str, http: HttpSet
             proxy=proxy_for(session, url),
         ) as resp:
             check_status(resp.status, resp.headers, url)
+            check_opt_out(resp.headers.getall("X-Robots-Tag", ()), http, url)
             declared = check_declared_length(resp.headers.get("Content-Length"), http.max_bytes)
             if declared is not None and not resp.headers.get("Content-Encoding"):
                 data = await resp.read()  # aiohttp stops at the declared length

@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import queue
 import string
-import sys
 import threading
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .inputs import Columns, format_of, read_rows
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -26,8 +25,13 @@ PLACEHOLDERS = ("i", "width", "height", "keywords")
 
 @dataclass(frozen=True)
 class Job:
+    """One input row to fetch: its index (its place in the input), its URL, and what a
+    dataset keeps with it (the caption and additional columns of a URL list)."""
+
     index: int
     url: str
+    caption: str | None = None
+    columns: dict[str, Any] | None = None
 
 
 def check_url(url: str) -> str | None:
@@ -205,38 +209,40 @@ class Template:
 @dataclass(frozen=True)
 class UrlList:
     """URLs from a file (or ``-``, stdin), streamed: one per line (blank lines and ``#``
-    comments skipped), or a CSV/TSV with a ``url`` column. Index = position in the list;
-    a line that is not a URL still gets its index and becomes a failed result."""
+    comments skipped), a CSV/TSV with a ``url`` column, JSON, JSONL or parquet (see
+    ``inputs``). Index = position in the list; a row that is not a URL still gets its index
+    and becomes a failed result."""
 
     path: str
+    format: str = "auto"
+    columns: Columns = field(default_factory=Columns)
 
     def __post_init__(self) -> None:
         if self.path != "-":
-            file = Path(self.path)
-            if not file.is_file():
+            if not Path(self.path).is_file():
                 raise ConfigError(f"URL list not found: {self.path}")
-            with self._open() as fh:
-                _rows(fh, self.path)  # a missing url column is an error before any work
+            read_rows(self.path, self._format, self.columns).close()  # columns checked here
+        elif self._format == "parquet":
+            raise ConfigError("a parquet URL list must be a file, not stdin")
+
+    @property
+    def _format(self) -> str:
+        return format_of(self.path, self.format)
 
     @property
     def blocking(self) -> bool:
         return self.path == "-"
 
-    @contextlib.contextmanager
-    def _open(self) -> Iterator[IO[str]]:
-        if self.path == "-":
-            yield sys.stdin
-            return
-        try:
-            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-                yield fh
-        except OSError as exc:
-            raise ConfigError(f"cannot read URL list {self.path}: {exc.strerror}") from None
-
     def jobs(self) -> Iterator[Job]:
-        with self._open() as fh:
-            for index, url in enumerate(_rows(fh, self.path)):
-                yield Job(index, url)
+        keep = bool(self.columns.caption or self.columns.additional)
+        rows = read_rows(self.path, self._format, self.columns)
+        try:
+            for index, row in enumerate(rows):
+                yield Job(index, row.url, row.caption, row.columns or None) if keep else Job(
+                    index, row.url
+                )
+        finally:
+            rows.close()
 
     def extra(self, start: int, count: int) -> Iterator[Job]:
         return iter(())
@@ -244,52 +250,6 @@ class UrlList:
     def urls_for(self, indices: Collection[int]) -> dict[int, str]:
         wanted = set(indices)
         return {job.index: job.url for job in self.jobs() if job.index in wanted}
-
-
-def _rows(fh: IO[str], name: str) -> Iterator[str]:
-    """The URLs of an open list: plain lines, or the ``url`` column of a CSV/TSV.
-
-    Validates the header eagerly (a generator would only fail on first use)."""
-    first = fh.readline()
-    header = first.strip()
-    lowered = header.lower()
-    delimiter = "\t" if (name.endswith(".tsv") or "\t" in header) else ","
-    is_table = name.endswith((".csv", ".tsv")) or (
-        delimiter in header and "url" in [c.strip().lower() for c in lowered.split(delimiter)]
-    )
-    if not is_table:
-        return _plain_lines(first, fh)
-    columns = [c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter), [])]
-    if "url" not in columns:
-        raise ConfigError(f"no 'url' column in {name} (columns: {', '.join(columns) or 'none'})")
-    return _column(csv.reader(fh, delimiter=delimiter), columns.index("url"))
-
-
-def _column(reader: Iterator[list[str]], position: int) -> Iterator[str]:
-    """One value a row; a row the csv module cannot read becomes an empty (failed) URL."""
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error:
-            yield ""
-            continue
-        if row:
-            yield row[position].strip() if len(row) > position else ""
-
-
-def _plain_lines(first: str, fh: IO[str]) -> Iterator[str]:
-    for line in _chain(first, fh):
-        text = line.strip()
-        if text and not text.startswith("#"):
-            yield text
-
-
-def _chain(first: str, fh: IO[str]) -> Iterator[str]:
-    if first:
-        yield first
-        yield from fh
 
 
 # ---------------------------------------------------------------------------- from settings
@@ -316,5 +276,6 @@ def template_for(settings: Settings, base_url: str | None = None) -> Template:
 def source_for(settings: Settings, base_url: str | None = None) -> JobSource:
     """Where the jobs come from: ``--urls`` or the URL template (validated either way)."""
     if settings.urls:
-        return UrlList(settings.urls)
+        dataset = settings.dataset
+        return UrlList(settings.urls, dataset.input_format, Columns.of(dataset))
     return template_for(settings, base_url)

@@ -4,15 +4,17 @@ all, and read back (last valid line per index) for ``--resume`` and ``--retry-fa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import StorageError, StorageFault, StorageFaultError
 from .result import Result
+from .shards import shard_keys
 from .storage import (
     MANIFEST,
     is_component,
@@ -56,20 +58,39 @@ def _plausible(result: Result) -> bool:
         return False
     if result.thumbnail is not None and not is_thumbnail_path(result.thumbnail):
         return False
+    if result.key is not None and not (isinstance(result.key, str) and result.key.isdigit()):
+        return False
     return result.sha256 is None or isinstance(result.sha256, str)
 
 
 def still_valid(out: Path, result: Result) -> bool:
-    """An ok record whose file (and thumbnail) is on disk with the recorded sha256."""
+    """An ok record whose file (and thumbnail) is on disk with the recorded sha256 (the
+    saved file's, when it is not the downloaded bytes)."""
     if not result.ok or not result.path or not result.sha256:
         return False
     try:
         data = (out / result.path).read_bytes()
     except OSError:
         return False
-    if sha256(data) != result.sha256:
+    if sha256(data) != (result.saved_sha256 or result.sha256):
         return False
     return result.thumbnail is None or (out / result.thumbnail).is_file()
+
+
+def intact_check(out: Path) -> Callable[[Result], bool]:
+    """``still_valid`` for a run's records, shard records included: an ok sample is
+    intact when its shard is committed and holds its key (a shard is written whole, so
+    its members are; each shard is read once)."""
+    keys = functools.cache(lambda name: shard_keys(out / name))
+
+    def intact(result: Result) -> bool:
+        if result.key is None:
+            return still_valid(out, result)
+        if not result.ok or not result.path or result.key not in keys(result.path):
+            return False
+        return result.thumbnail is None or (out / result.thumbnail).is_file()
+
+    return intact
 
 
 class ManifestWriter:
@@ -212,7 +233,8 @@ class ManifestWriter:
 def discard(out: Path, result: Result) -> None:
     """Remove the files of a result that will not be recorded: no image may be on disk
     without its manifest line."""
-    for name in (result.path, result.thumbnail):
+    # A sample's path names its shard, which holds other images: only its thumbnail goes.
+    for name in (None if result.key else result.path, result.thumbnail):
         if name:
             with contextlib.suppress(OSError):
                 (out / name).unlink(missing_ok=True)

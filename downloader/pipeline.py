@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import resource
 import sys
 import time
@@ -12,12 +11,14 @@ from collections.abc import Iterator
 
 from . import resume, unique
 from .backends import Backend, get_backend
+from .errors import StorageFaultError
 from .jobs import JobSource, source_for, stream
 from .lock import OutputLock
-from .manifest import ManifestWriter, read_manifest, still_valid
+from .manifest import ManifestWriter, intact_check, read_manifest
 from .record import Observer, Recorder
 from .result import Report
 from .settings import Settings
+from .shards import ShardSet, shard_fault
 from .stop import StopToken, stopped_by_signals
 from .storage import prepare_out, sweep_temps
 
@@ -70,7 +71,8 @@ def _run_locked(
         plan = _plan(settings, source)
         report.skipped = len(plan.kept)
         with ManifestWriter(settings.out, plan.lines, plan.stale.values()) as manifest:
-            record = Recorder(manifest, report, observer, keep_results, stop)
+            shards = _shards(settings, backend, plan)
+            record = Recorder(manifest, report, observer, keep_results, stop, shards)
             usage = _Usage()
             if settings.unique:
                 outcome = unique.run_rounds(backend, source, settings, plan, record, stop)
@@ -78,7 +80,8 @@ def _run_locked(
             else:
                 record.start(plan.to_run(settings), len(plan.kept))
                 jobs = stream(plan.jobs(source), source.blocking, stop)
-                backend.run(jobs, settings, record, stop)
+                with _closing(shards, report, stop):
+                    backend.run(jobs, settings, record, stop)
             usage.finish(report)
     report.interrupted = stop.is_set()
     report.stop_reason = stop.reason
@@ -90,11 +93,48 @@ def _plan(settings: Settings, source: JobSource) -> resume.Plan:
     if not (settings.resume or settings.retry_failed):
         return resume.Plan()
     return resume.plan(
-        settings,
-        read_manifest(settings.out),
-        source.urls_for,
-        functools.partial(still_valid, settings.out),
+        settings, read_manifest(settings.out), source.urls_for, intact_check(settings.out)
     )
+
+
+def _shards(settings: Settings, backend: Backend, plan: resume.Plan) -> ShardSet | None:
+    """The shard writers of a shard format, unless the backend's workers write their own
+    shards (dask)."""
+    dataset = settings.dataset
+    if not dataset.shards or getattr(backend, "writes_shards", False):
+        return None
+    return ShardSet(
+        settings.out,
+        dataset.output_format,
+        dataset.samples_per_shard,
+        bool(dataset.caption_col),
+        prior={**plan.carried, **plan.kept},
+        total=None if settings.urls else settings.count,
+    )
+
+
+@contextlib.contextmanager
+def _closing(shards: ShardSet | None, report: Report, stop: StopToken) -> Iterator[None]:
+    """Commit the shards still open when the run ends, or is interrupted (a resumed run
+    completes them); after a storage fault or a crash, drop them (their rows are fetched
+    again by --resume)."""
+    try:
+        yield
+    except BaseException:
+        if shards is not None:
+            shards.close(commit=False)
+        raise
+    if shards is None:
+        return
+    if report.fault is not None:
+        shards.close(commit=False)
+        return
+    try:
+        shards.close()
+    except OSError as exc:
+        report.fault = shard_fault(exc, shards.out)
+        stop.set(str(StorageFaultError(report.fault)))
+        shards.close(commit=False)
 
 
 # ---------------------------------------------------------------------------- usage

@@ -58,4 +58,5 @@ def _asyncio_cpu(settings: Settings) -> CpuPlace:
     if thumbs.executor != "auto":
         return thumbs.executor
     light = thumbs.size == 0 and settings.verify == "header" and not thumbs.python_cpu_ms
-    return "inline" if light else "thread"
+    resized = settings.dataset.resize_mode != "no"  # a sample that is decoded and encoded
+    return "inline" if light and not resized else "thread"

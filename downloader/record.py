@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -9,6 +10,7 @@ from typing import Protocol
 from .errors import StorageFaultError
 from .manifest import ManifestWriter
 from .result import Report, Result
+from .shards import ShardSet, shard_fault
 from .stop import StopToken
 
 
@@ -38,6 +40,7 @@ class Recorder:
     observer: Observer | None = None
     keep_results: bool = True
     stop: StopToken | None = None
+    shards: ShardSet | None = None  # a shard format: samples go there before their line
     # When the run began, on the spans' clock (Settings.timeline): they are kept relative to it.
     origin: float = field(default_factory=time.time)
 
@@ -47,6 +50,8 @@ class Recorder:
             self.observer.start(to_run, kept)
 
     def __call__(self, result: Result) -> None:
+        if self.shards is not None:
+            result = self._to_shard(result)
         if result.fault:
             self.manifest.fail(result.fault)
         try:
@@ -64,3 +69,16 @@ class Recorder:
             self.report.results.append(result)
         if self.observer is not None:
             self.observer.result(result)
+
+    def _to_shard(self, result: Result) -> Result:
+        """Hand the row to its shard (a sample is in the shard's temp file before its line
+        is written), and keep the Result without the sample: a report of 10^5 images holds
+        no image bytes."""
+        shards = self.shards
+        if shards is not None and not result.fault and self.manifest.fault is None:
+            try:
+                shards.add(result)
+            except OSError as exc:
+                fault = shard_fault(exc, shards.out)
+                return dataclasses.replace(result, sample=None, fault=fault)
+        return dataclasses.replace(result, sample=None)

@@ -12,6 +12,15 @@ DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which i
 
 
 @dataclass(frozen=True)
+class Sample:
+    """The image a shard keeps of a job, on its way from where the job ran to the shard
+    writer: its bytes and their extension."""
+
+    data: bytes
+    ext: str
+
+
+@dataclass(frozen=True)
 class Result:
     """The outcome of one job: exactly one per index, and one manifest line each."""
 
@@ -28,9 +37,22 @@ class Result:
     attempts: int = 0
     elapsed_ms: float = 0.0
     error: str | None = None
+    # Dataset fields, in a manifest line only when set: the sample's key in its shard
+    # (``path`` then names the shard), the input row's caption and additional columns,
+    # the size before a resize, the sha256 of the file when it is not the downloaded bytes
+    # (a resize, another format), and where a failure happened ("download" | "resize").
+    key: str | None = None
+    caption: str | None = None
+    columns: dict[str, Any] | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    saved_sha256: str | None = None
+    stage: str | None = None
     # A storage fault that will hit every later image too (disk full, OUT gone...): its
     # cause and fix. Such a result stops the run and is never recorded.
     fault: StorageFault | None = None
+    # A shard format's sample, for the shard writer; never in the manifest.
+    sample: Sample | None = None
     # Its wait, cpu and write spans (Settings.timeline only); never in the manifest.
     spans: tuple[Span, ...] = ()
 
@@ -45,15 +67,28 @@ class Result:
     def to_record(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies every value, once per result recorded
         # (its cost: benchmarks/README.md).
-        return {name: getattr(self, name) for name in _RESULT_FIELDS}
+        record = {name: getattr(self, name) for name in _RESULT_FIELDS}
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                record[name] = value
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Result:
-        fields: dict[str, Any] = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        fields: dict[str, Any] = {
+            k: record[k] for k in cls.__dataclass_fields__ if k in record and k not in _LOCAL
+        }
         return cls(**fields)
 
 
-_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name not in ("fault", "spans"))
+_LOCAL = ("fault", "sample", "spans")  # never read from a manifest line
+_OPTIONAL_FIELDS = (
+    "key", "caption", "columns", "original_width", "original_height", "saved_sha256", "stage",
+)  # fmt: skip
+_RESULT_FIELDS = tuple(
+    f.name for f in fields(Result) if f.name not in (*_LOCAL, *_OPTIONAL_FIELDS)
+)  # always in a manifest line
 
 
 @dataclass

@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .choices import BACKEND_NAMES, BackendName, EventLoop, Match, ThumbnailExecutor, Verify
+from .choices import (
+    BACKEND_NAMES,
+    BackendName,
+    EncodeFormat,
+    EventLoop,
+    InputFormat,
+    Match,
+    OutputFormat,
+    ResizeMode,
+    ThumbnailExecutor,
+    Verify,
+)
 from .declare import Checked, Setting, bare, check, hints, meta_of, setting
 from .errors import ConfigError
 
@@ -38,6 +50,10 @@ FAULTS: dict[str, str] = {
     "slow": "trickle the body over server.slow_ms milliseconds",
     "corrupt": "send image/jpeg with a garbage body (on every attempt)",
 }
+
+
+def _columns(text: str) -> str:
+    return ",".join(c.strip() for c in text.split(",") if c.strip())
 
 
 def parse_rate(text: str) -> float:
@@ -88,7 +104,21 @@ class HttpSettings(Checked):
         "address connected to).",
     )
 
+    disallowed_header_directives: str = setting(
+        "noai,noimageai,noindex,noimageindex",
+        "X-Robots-Tag directives that keep an image out ('' = none).",
+        flag="--disallowed-header-directives", metavar="D,D", parse=_columns,
+    )  # fmt: skip
+    user_agent_token: str = setting(
+        "", "Our name in the User-Agent, and the agent whose scoped X-Robots-Tag directives "
+        "apply.", flag="--user-agent-token", metavar="NAME", default_text="none",
+    )  # fmt: skip
+
     def check(self) -> None:
+        check(
+            all(32 <= ord(c) < 127 and c not in "();" for c in self.user_agent_token),
+            "http.user_agent_token must be printable ASCII without ( ) ;",
+        )
         check(
             self.rate == 0 or 0.001 <= self.rate <= 1e6,
             "http.rate must be 0 (no limit) or 0.001 to 1000000 requests per second",
@@ -100,7 +130,11 @@ class ThumbnailSettings(Checked):
     section = "thumbnails."
 
     size: int = setting(
-        128, "Thumbnail longest side; 0 = off.", flag="--thumbnail-size", metavar="PX", low=0
+        128,
+        "Thumbnail longest side; 0 = off (the default with webdataset and parquet output).",
+        flag="--thumbnail-size",
+        metavar="PX",
+        low=0,
     )
     executor: ThumbnailExecutor = setting(
         "auto",
@@ -200,6 +234,73 @@ class DaskSettings(Checked):
             not self.scheduler or "://" in self.scheduler,
             "dask.scheduler must look like tcp://HOST:8786",
         )
+
+
+@dataclass(frozen=True)
+class DatasetSettings(Checked):
+    """What dataset builders ask of img2dataset, under its option names and defaults:
+    input columns, shard formats, resize and encode modes, filters, the opt-out."""
+
+    section = "dataset."
+
+    input_format: InputFormat = setting(
+        "auto", "--urls format: txt, csv, tsv, json, jsonl, parquet; auto = by extension "
+        "(.gz read through gzip).", flag="--input-format",
+    )  # fmt: skip
+    url_col: str = setting("url", "Column of the URLs in --urls.", flag="--url-col")
+    caption_col: str = setting(
+        "", "Column of the captions in --urls (kept with each image).", flag="--caption-col",
+        default_text="none",
+    )  # fmt: skip
+    save_additional_columns: str = setting(
+        "", "Comma-separated columns of --urls kept with each image (their types kept).",
+        flag="--save-additional-columns", metavar="A,B", parse=_columns, default_text="none",
+    )  # fmt: skip
+    output_format: OutputFormat = setting(
+        "files", "files (one file an image), webdataset (.tar shards) or parquet shards.",
+        flag="--output-format",
+    )  # fmt: skip
+    samples_per_shard: int = setting(
+        10000, "Input rows per shard: shard k holds rows k*S ... (k+1)*S-1.",
+        flag="--samples-per-shard", metavar="S", low=1, high=10**7,
+    )  # fmt: skip
+    resize_mode: ResizeMode = setting(
+        "no", "no, keep_ratio (smaller side = --image-size), keep_ratio_largest (larger side), "
+        "center_crop (smaller side, then a centred square) or border (larger side, padded "
+        "white to a square).", flag="--resize-mode",
+    )  # fmt: skip
+    image_size: int = setting(
+        256, "Side in pixels for --resize-mode.", flag="--image-size", metavar="PX", low=1,
+        high=65535,
+    )  # fmt: skip
+    resize_only_if_bigger: bool = setting(
+        False, "Resize only images that would shrink.", flag="--resize-only-if-bigger"
+    )
+    encode_format: EncodeFormat = setting(
+        "jpg", "Format of resized images and of shard samples (the downloaded bytes are kept "
+        "when already in it and not resized).", flag="--encode-format",
+    )  # fmt: skip
+    encode_quality: int = setting(
+        95, "JPEG/WebP quality of encoded images.", flag="--encode-quality", low=1, high=100
+    )
+    min_image_size: int = setting(
+        0, "Refuse images whose smaller side is below this (failed_to_resize).",
+        flag="--min-image-size", metavar="PX", low=0,
+    )  # fmt: skip
+    max_image_area: float = setting(
+        math.inf, "Refuse images of more pixels than this.", flag="--max-image-area",
+        metavar="PX", positive=True, default_text="no limit",
+    )  # fmt: skip
+    max_aspect_ratio: float = setting(
+        math.inf, "Refuse images whose longer side is more than this times the shorter.",
+        flag="--max-aspect-ratio", metavar="R", low=1, default_text="no limit",
+    )  # fmt: skip
+    @property
+    def shards(self) -> bool:
+        return self.output_format != "files"
+
+    def check(self) -> None:
+        check(bool(self.url_col.strip()), "dataset.url_col must name a column")
 
 
 _SERVICE = ("service",)
@@ -341,6 +442,7 @@ class Settings(Checked):
     server: ServerSettings = field(default_factory=ServerSettings)
     dask: DaskSettings = field(default_factory=DaskSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
 
     def __post_init__(self) -> None:
         # The Python API builds Settings directly: a str path is fine, a str count is not.
@@ -354,6 +456,10 @@ class Settings(Checked):
             "--resume and --retry-failed need a URL list file, not stdin",
         )
         check(not (self.urls and self.local), "--local serves URL templates, not --urls lists")
+        check(
+            not (self.unique and self.dataset.shards),
+            "--unique works with --output-format files only",
+        )
         if self.name_template:
             from .storage import check_name_template
 
@@ -371,6 +477,7 @@ SECTIONS: dict[str, Any] = {
     "server": ServerSettings,
     "dask": DaskSettings,
     "service": ServiceSettings,
+    "dataset": DatasetSettings,
 }
 
 

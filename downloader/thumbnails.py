@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidImageError
 from .magic import ends_complete, sniff
+from .samples import SampleSpec, check_size, flatten, make_sample, needs_pixels, resized_size
 from .timeline import Ran
 
 # Formats we accept; restricting Image.open keeps exotic decoders away from untrusted bytes.
@@ -35,12 +36,24 @@ class ImageInfo:
     height: int
     thumbnail: bytes | None
     sha256: str  # of the original bytes: hashed here, off the event loop
+    # The bytes to keep when they are not the downloaded ones (a resize, another format),
+    # and the size of the original (``width``/``height`` are the kept image's).
+    sample: bytes | None = None
+    original_width: int = 0
+    original_height: int = 0
     ran: Ran | None = None  # where and when it was made (only with Settings.timeline)
 
 
-def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full") -> ImageInfo:
+def inspect_image(
+    data: bytes,
+    size: int,
+    quality: int = 85,
+    verify: str = "full",
+    sample: SampleSpec | None = None,
+) -> ImageInfo:
     """Validate ``data`` and, when ``size`` > 0, make a JPEG thumbnail whose longest side is
-    at most ``size`` pixels.
+    at most ``size`` pixels; with ``sample``, filter on the original size and make the
+    sample (resized, encoded) from the same decode.
 
     ``verify="full"`` decodes every image (catching corrupt and truncated bodies).
     ``"header"`` without a thumbnail decodes no pixels: the header must parse (format,
@@ -56,8 +69,19 @@ def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full
                 raise InvalidImageError(f"image of {width}x{height} pixels is a decompression bomb")
             if sniff(data) != fmt:
                 raise InvalidImageError(f"not an image: a {fmt} header without its magic bytes")
-            thumb = None
-            if size > 0 or verify != "header":
+            thumb = kept = None
+            kept_size = (width, height)
+            if sample is not None:
+                check_size(width, height, sample)
+            if sample is not None and needs_pixels(fmt, width, height, sample):
+                # One decode for the check, the sample and the thumbnail, at the smallest
+                # draft scale that still covers the sample's size.
+                img.draft("RGB", resized_size(width, height, sample) or (width, height))
+                img.load()
+                kept, kept_w, kept_h = make_sample(img, (width, height), sample)
+                kept_size = (kept_w, kept_h)
+                thumb = _thumbnail(img, size, quality) if size > 0 else None
+            elif size > 0 or verify != "header":
                 # Draft mode lets libjpeg decode at 1/2..1/8 scale: the whole stream is
                 # still read (so corruption is caught) at a fraction of the CPU. Asking for
                 # the real thumbnail box (128x96, not 128x128) lets 320x240 decode at 1/2.
@@ -80,7 +104,9 @@ def inspect_image(data: bytes, size: int, quality: int = 85, verify: str = "full
             raise InvalidImageError("not an image: unrecognised format") from None
         raise InvalidImageError(f"not a valid image: {_short(exc)}") from None
     digest = hashlib.sha256(data).hexdigest()
-    return ImageInfo(fmt, EXTENSIONS.get(fmt, ".img"), width, height, thumb, digest)
+    ext = sample.ext if kept is not None and sample is not None else EXTENSIONS.get(fmt, ".img")
+    w, h = kept_size
+    return ImageInfo(fmt, ext, w, h, thumb, digest, kept, width, height)
 
 
 def fit(width: int, height: int, size: int) -> tuple[int, int]:
@@ -90,8 +116,7 @@ def fit(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def _thumbnail(img: Image.Image, size: int, quality: int) -> bytes:
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() else img.convert("RGB")
+    img = flatten(img)  # transparency on white, as in samples
     # BOX is area averaging, as img2dataset's default for shrinking (OpenCV's INTER_AREA):
     # after the draft decode the last step is small (160x120 to 128x96), and BOX takes
     # less than half of BICUBIC's CPU for it (figure in benchmarks/README.md).

@@ -23,9 +23,18 @@ from .fetch import Fetched, fetch_async, fetch_sync
 from .jobs import Job, check_url
 from .placement import WritePlace
 from .politeness import HostGate
-from .result import Result
+from .result import Result, Sample
+from .samples import SampleSpec
 from .settings import Settings
-from .storage import safe_name, storage_fault, thumbnail_name, write_files, write_files_async
+from .shards import key_of, shard_name
+from .storage import (
+    safe_name,
+    sha256,
+    storage_fault,
+    thumbnail_name,
+    write_files,
+    write_files_async,
+)
 from .thumbnails import ImageInfo, inspect_image
 from .timeline import Laps, ran_stage
 
@@ -49,10 +58,20 @@ def cpu_stage(settings: Settings) -> CpuStage:
         size=settings.thumbnails.size,
         quality=settings.thumbnails.quality,
         verify=settings.verify,
+        sample=sample_spec(settings),
     )
     if settings.thumbnails.python_cpu_ms:
         stage = functools.partial(busywork.after, stage, settings.thumbnails.python_cpu_ms)
     return functools.partial(ran_stage, stage) if settings.timeline else stage
+
+
+def sample_spec(settings: Settings) -> SampleSpec | None:
+    """What the CPU stage makes of each image beyond checking it: None when the
+    downloaded bytes are kept as they are (the files output, no resize, no filter)."""
+    spec = SampleSpec.of(settings.dataset)
+    if settings.dataset.shards or spec.resize_mode != "no" or spec.filters():
+        return spec
+    return None
 
 
 def handle_sync(
@@ -84,7 +103,7 @@ def handle_sync(
         saved = _plan(settings, job, fetched, info)
         write_files(saved.files)
     except FetchError as exc:
-        return with_spans(failure(job, exc, start), laps)
+        return with_spans(failure(job, exc, start, resized=fetched is not None), laps)
     except OSError as exc:
         return with_spans(not_written(job, exc, start, fetched, settings), laps)
     return with_spans(success(job, fetched, info, saved, start), laps)
@@ -116,7 +135,7 @@ async def handle_async(
         saved = _plan(settings, job, fetched, info)
         await write(saved.files)
     except FetchError as exc:
-        return with_spans(failure(job, exc, start), laps)
+        return with_spans(failure(job, exc, start, resized=fetched is not None), laps)
     except OSError as exc:
         return with_spans(not_written(job, exc, start, fetched, settings), laps)
     return with_spans(success(job, fetched, info, saved, start), laps)
@@ -184,17 +203,24 @@ def _reject_bad_url(job: Job) -> None:
 
 @dataclass(frozen=True)
 class Saved:
-    """Where one image goes: names relative to OUT, its digest, and the files to write
-    (the thumbnail first, so an image on disk always has its thumbnail beside it)."""
+    """Where one image goes: names relative to OUT (a shard format: the shard and the
+    sample's key), its digest, the files to write (the thumbnail first, so an image on
+    disk always has its thumbnail beside it), and a shard's sample."""
 
     image: str
     thumbnail: str | None
     sha256: str
     files: list[tuple[Path, bytes]]
+    key: str | None = None
+    sample: Sample | None = None
+    saved_sha256: str | None = None
 
 
 def _plan(settings: Settings, job: Job, fetched: Fetched, info: ImageInfo) -> Saved:
     digest = info.sha256
+    data = fetched.data if info.sample is None else info.sample
+    if settings.dataset.shards:
+        return _plan_sample(settings, job, info, data)
     image = safe_name(
         job.index,
         fetched.final_url,
@@ -203,14 +229,32 @@ def _plan(settings: Settings, job: Job, fetched: Fetched, info: ImageInfo) -> Sa
         template=settings.name_template,
         size=(info.width, info.height),
     )
-    files = [(settings.out / image, fetched.data)]
+    files = [(settings.out / image, data)]
+    saved_sha = None if info.sample is None else sha256(info.sample)
     if info.thumbnail is None:
-        return Saved(image, None, digest, files)
+        return Saved(image, None, digest, files, saved_sha256=saved_sha)
     thumb = thumbnail_name(image)
-    return Saved(image, thumb, digest, [(settings.out / thumb, info.thumbnail), *files])
+    return Saved(
+        image, thumb, digest, [(settings.out / thumb, info.thumbnail), *files],
+        saved_sha256=saved_sha,
+    )  # fmt: skip
+
+
+def _plan_sample(settings: Settings, job: Job, info: ImageInfo, data: bytes) -> Saved:
+    """A shard format: the sample goes to its shard (by the recorder, or a dask worker);
+    only a thumbnail, when asked for, is a file."""
+    dataset = settings.dataset
+    key = key_of(job.index)
+    shard = shard_name(job.index // dataset.samples_per_shard, dataset.output_format)
+    sample = Sample(data, info.ext)
+    if info.thumbnail is None:
+        return Saved(shard, None, info.sha256, [], key, sample)
+    thumb = thumbnail_name(f"{key}.jpg")
+    return Saved(shard, thumb, info.sha256, [(settings.out / thumb, info.thumbnail)], key, sample)
 
 
 def success(job: Job, fetched: Fetched, info: ImageInfo, saved: Saved, start: float) -> Result:
+    sized = info.sample is not None or saved.key is not None  # a resize, or a dataset row
     return Result(
         index=job.index,
         url=job.url,
@@ -224,10 +268,21 @@ def success(job: Job, fetched: Fetched, info: ImageInfo, saved: Saved, start: fl
         height=info.height,
         attempts=fetched.attempts,
         elapsed_ms=round((time.perf_counter() - start) * 1000, 2),
+        key=saved.key,
+        caption=job.caption,
+        columns=job.columns,
+        original_width=info.original_width if sized else None,
+        original_height=info.original_height if sized else None,
+        saved_sha256=saved.saved_sha256,
+        sample=saved.sample,
     )
 
 
-def failure(job: Job, exc: Exception, start: float, attempts: int | None = None) -> Result:
+def failure(
+    job: Job, exc: Exception, start: float, attempts: int | None = None, resized: bool = False
+) -> Result:
+    """A failed Result; ``resized``: the image was downloaded, and its check, filter or
+    resize refused it (img2dataset's ``failed_to_resize``)."""
     tries = attempts if attempts is not None else getattr(exc, "attempts", 0)
     reason = str(exc) if not isinstance(exc, OSError) else f"cannot write file: {exc}"
     if tries > 1:
@@ -239,4 +294,7 @@ def failure(job: Job, exc: Exception, start: float, attempts: int | None = None)
         attempts=tries,
         elapsed_ms=round((time.perf_counter() - start) * 1000, 2),
         error=reason,
+        caption=job.caption,
+        columns=job.columns,
+        stage="resize" if resized else None,
     )

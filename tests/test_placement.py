@@ -78,3 +78,12 @@ def test_placement_table(
 
 def test_the_table_covers_every_backend() -> None:
     assert {backend for backend, _, _ in CASES} == set(BACKENDS)
+
+
+def test_a_resize_is_decoded_work_for_auto() -> None:
+    from downloader.settings import DatasetSettings
+
+    light = settings_with(size=0, verify="header")
+    assert placement(light, "asyncio").cpu == "inline"
+    resized = light.replace(dataset=DatasetSettings(resize_mode="center_crop"))
+    assert placement(resized, "asyncio").cpu == "thread"

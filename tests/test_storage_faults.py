@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ from downloader.lock import LOCK, OutputLock, holder
 from downloader.manifest import ManifestWriter
 from downloader.pipeline import run
 from downloader.result import Result
-from downloader.server import make_app, server_thread
+from downloader.server import RunningServer, make_app, server_thread
 from downloader.settings import ServerSettings
 from downloader.storage import MANIFEST, TEMP_SUFFIX, sha256, storage_fault
 
@@ -481,11 +482,11 @@ def remount(folder: Path, options: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
-def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
-    backend: str, tmp_path: Path
-) -> None:
-    count = 80  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+@contextmanager
+def small_disk(
+    tmp_path: Path, backend: str, count: int, *extra: str
+) -> Iterator[tuple[Path, Path, list[str], RunningServer]]:
+    """A 1 MiB file system, a server, and the arguments of a run of 320x240 images into it."""
     with (
         tmpfs(tmp_path / "small", "1m") as small,
         server_thread(make_app(ServerSettings(seed=2))) as server,
@@ -493,6 +494,15 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
         out = small / "pic"
         args = cli_args(server.base_url, out, count, backend, concurrency=4)
         args[args.index("--size") + 1] = "320x240"
+        yield small, out, [*args, *extra], server
+
+
+@pytest.mark.parametrize("backend", CONTRACT_BACKENDS)
+def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
+    backend: str, tmp_path: Path
+) -> None:
+    count = 80  # ~24 KiB an image and its thumbnail: 1 MiB holds about 40
+    with small_disk(tmp_path, backend, count) as (small, out, args, server):
         full = run_cli(args, tmp_path, ENV)
         fetched = server_stats(server)
         assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
@@ -653,3 +663,31 @@ def test_a_missing_folder_is_a_fault_only_when_out_is_gone(tmp_path: Path) -> No
     assert (
         fault_text(storage_fault(missing, out)) == f"the output folder {out} was removed: {RESUME}"
     )
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "processes"])
+def test_a_full_disk_mid_shard_stops_the_run_and_resume_completes_the_shards(
+    backend: str, tmp_path: Path
+) -> None:
+    count, size = 120, 20  # ~19 KiB a 320x240 sample: 1 MiB holds a few shards, not six
+    shards = ["--output-format", "webdataset", "--samples-per-shard", str(size)]
+    with small_disk(tmp_path, backend, count, *shards) as (small, out, args, _):
+        full = run_cli(args, tmp_path, ENV)
+        assert_stopped_by_fault(full, full.stdout, full.stderr, fault_line(errno.ENOSPC, out))
+        committed = sorted(p.name for p in out.glob("*.tar"))
+        assert len(committed) < count // size
+        for name in committed:  # every shard there is whole
+            with tarfile.open(out / name) as tar:
+                assert len([m for m in tar if m.name.endswith(".jpg")]) == size, name
+        assert not list(out.glob(".*.part")), "the open shards were dropped"
+
+        remount(small, "size=64m")
+        resumed = run_cli([*args, "--resume"], tmp_path, ENV)
+        assert resumed.returncode == 0, resumed.stderr
+        shards = sorted(out.glob("*.tar"))
+        assert [p.name for p in shards] == [f"{k:05d}.tar" for k in range(count // size)]
+        keys: list[int] = []
+        for path in shards:
+            with tarfile.open(path) as tar:
+                keys += [int(m.name.split(".")[0]) for m in tar if m.name.endswith(".jpg")]
+        assert sorted(keys) == list(range(count))  # each index once, in one committed shard

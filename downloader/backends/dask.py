@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..jobs import Job
 from ..placement import placement
 from ..result import Result
 from ..settings import Settings
+from ..shards import ShardWriter, shard_fault
 from ..stop import StopToken
 from ..storage import check_writable
 from .base import Emit
@@ -51,7 +53,34 @@ def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
             stop.set(result.fault.cause)
 
     asyncio.run(run_pipeline(jobs, settings, emit, stop, placement(settings, "dask")))
+    if settings.dataset.shards and jobs:
+        return write_shard(jobs, results, settings)
     return results
+
+
+def write_shard(jobs: list[Job], results: list[Result], settings: Settings) -> list[Result]:
+    """On a worker: a shard format's shard, written whole here (the client only writes the
+    manifest); the rows this run does not fetch again are carried over from the committed
+    shard it replaces. The Results go back without their samples, or all marked with the
+    storage fault that kept the shard from being written."""
+    dataset = settings.dataset
+    fetched = {job.index for job in jobs}
+    shard = jobs[0].index // dataset.samples_per_shard
+    lean = [dataclasses.replace(r, sample=None) for r in results]
+    if any(r.fault for r in results):
+        return lean
+    writer = ShardWriter(settings.out, shard, dataset.output_format, bool(dataset.caption_col))
+    try:
+        writer.seed(lambda index: index not in fetched)
+        for result in results:
+            sample = result.sample
+            writer.add(result, sample.data if sample else None, sample.ext if sample else ".jpg")
+        writer.commit()
+    except OSError as exc:
+        writer.abort()
+        fault = shard_fault(exc, settings.out)
+        return [dataclasses.replace(r, fault=fault) for r in lean]
+    return lean
 
 
 def check_out(out: str) -> str | None:
@@ -65,6 +94,7 @@ def check_out(out: str) -> str | None:
 
 class DaskBackend:
     name = "dask"
+    writes_shards = True  # a shard format's shards are written by the workers
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         """A stop sends no more shards; the shards already on a worker finish (each request
@@ -72,7 +102,7 @@ class DaskBackend:
         with self._client(settings) as client:
             self._check_workers(client, settings.out)
             in_flight = 2 * max(1, sum(client.nthreads().values()))
-            shards = chunked(jobs, settings.dask.shard_size)
+            shards = _chunks(jobs, settings)
             pending = as_completed()
             for first in itertools.islice(shards, 0 if stop.is_set() else in_flight):
                 pending.add(client.submit(run_shard, first, settings, pure=False))
@@ -118,3 +148,13 @@ class DaskBackend:
         for worker, problem in sorted(problems.items()):
             if problem:
                 raise StorageError(f"Dask worker {worker}: {problem} (OUT must be shared)")
+
+
+def _chunks(jobs: Iterable[Job], settings: Settings) -> Iterator[list[Job]]:
+    """The tasks: ``dask.shard_size`` jobs each, or, for a shard format, the jobs of one
+    output shard each (rows k*S ... (k+1)*S-1), so that one worker writes each shard."""
+    dataset = settings.dataset
+    if not dataset.shards:
+        return chunked(jobs, settings.dask.shard_size)
+    size = dataset.samples_per_shard
+    return (list(group) for _, group in itertools.groupby(jobs, lambda job: job.index // size))
