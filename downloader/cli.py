@@ -227,24 +227,34 @@ def service(ctx: click.Context, /, **options: Any) -> int:
     return run_service(load_settings(parent.get("config"), overrides=overrides))
 
 
+def _service_options(func: F) -> F:
+    """--service and --token, for the commands that talk to a running service."""
+    func = click.option("--token", envvar="DOWNLOADER_SERVICE_TOKEN", help="The service's token.")(
+        func
+    )
+    return click.option(
+        "--service",
+        "service_url",
+        default="http://127.0.0.1:8800",
+        show_default=True,
+        metavar="URL",
+        help="The job service to talk to.",
+    )(func)
+
+
 @main.command()
-@click.option(
-    "--service",
-    "service_url",
-    default="http://127.0.0.1:8800",
-    show_default=True,
-    metavar="URL",
-    help="The job service to submit to.",
-)
-@click.option("--token", envvar="DOWNLOADER_SERVICE_TOKEN", help="The service's token.")
+@_service_options
+@click.option("--priority", type=int, help="Higher starts first. [default: 0]")
+@click.option("--webhook", metavar="URL", help="POST the ended job's JSON to this URL.")
 @click.option("--wait", is_flag=True, help="Follow the job (progress bar); exit with its code.")
 @click.pass_context
 def submit(ctx: click.Context, /, **options: Any) -> int:
     """Submit a download job to a running `download service`; prints the job's id.
 
-    Takes the usual download options (before or after `submit`); --urls and --config are
-    read here and sent. With --wait, the exit code is the job's: 0 all ok, 1 some failed,
-    2 refused or could not run, 130 cancelled.
+    Takes the usual download options (before or after `submit`) but those the service
+    chooses itself (--out, --resume, --retry-failed); --urls and --config are read here
+    and sent. With --wait, the exit code is the job's: 0 all ok, 1 some failed, 2 refused
+    or could not run, 130 cancelled.
     """
     from .service.client import Service, job_body, wait
 
@@ -252,6 +262,9 @@ def submit(ctx: click.Context, /, **options: Any) -> int:
     merged = {**(ctx.obj or {}), **given}
     overrides = download_overrides(merged)
     body = job_body(overrides, merged.get("config"), overrides.get("urls"))
+    for key in ("priority", "webhook"):
+        if options[key] is not None:
+            body[key] = options[key]
     service = Service(options["service_url"], options["token"])
     job = service.submit(body)
     click.echo(job["id"])
@@ -261,10 +274,46 @@ def submit(ctx: click.Context, /, **options: Any) -> int:
     return wait(service, job, quiet, int(merged.get("verbose") or 0))
 
 
-# The usual download options work after `submit` too (the same option objects).
-submit.params.extend(
-    param for param in main.params if param.name not in {"version", "help", "timeline"}
+# The usual download options work after `submit` too (the same option objects), but for
+# those a service sets itself.
+_NOT_FOR_JOBS = {"version", "help", "out", "resume", "retry_failed", "timeline"}
+submit.params.extend(param for param in main.params if param.name not in _NOT_FOR_JOBS)
+
+
+@main.command()
+@_service_options
+@click.option(
+    "--state",
+    type=click.Choice(["queued", "running", "paused", "done", "failed", "cancelled"]),
+    help="Only the jobs in this state.",
 )
+def jobs(**options: Any) -> int:
+    """List the jobs of a running `download service`, newest first."""
+    from .service.client import Service, job_line
+
+    for job in Service(options["service_url"], options["token"]).jobs(options["state"]):
+        click.echo(job_line(job))
+    return ExitCode.OK
+
+
+def _job_action(action: str, what: str) -> None:
+    @_service_options
+    @click.argument("job_id", metavar="ID")
+    def command(**options: Any) -> int:
+        from .service.client import Service, job_line
+
+        job = Service(options["service_url"], options["token"]).act(options["job_id"], action)
+        click.echo(job_line(job))
+        return ExitCode.OK
+
+    command.__doc__ = what
+    main.command(action)(command)
+
+
+_job_action("pause", "Pause a queued or running job of a `download service`.")
+_job_action("resume", "Queue a paused job again; it goes on where it stopped.")
+_job_action("cancel", "Cancel a queued, paused or running job.")
+_job_action("retry", "Run an ended job again; nothing kept is fetched again.")
 
 
 @main.command()

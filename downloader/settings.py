@@ -347,6 +347,16 @@ class ServiceSettings(Checked):
     max_concurrency: int = setting(
         256, "Highest http.concurrency, http.per_host and workers of one job.", low=1
     )
+    webhook_secret: str = setting(
+        "",
+        "Key of the webhooks' X-Downloader-Signature (HMAC-SHA256 of the body); empty = unsigned.",
+        flag="--webhook-secret",
+        commands=_SERVICE,
+    )
+    webhook_retry_s: float = setting(
+        600.0, "How long a webhook's delivery is retried after its job ends, in seconds.",
+        positive=True, high=7 * 86400,
+    )  # fmt: skip
 
     def check(self) -> None:
         check(

@@ -4,16 +4,21 @@ security checks at start, and `download submit --wait` exit codes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import http.server
 import json
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 from conftest import child_env, download_command, records, wait_for
@@ -214,3 +219,53 @@ def test_submit_wait_exits_with_the_jobs_code(tmp_path: Path) -> None:
             wait_for(lambda: svc.job(job_id)["state"] == "running", "the job to run")
             assert svc.call("DELETE", f"/api/v1/jobs/{job_id}").status_code == 202
             assert waiting.wait(60) == 130
+
+
+class _Hooks(http.server.BaseHTTPRequestHandler):
+    got: ClassVar[list[tuple[bytes, dict[str, str]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.got.append((body, dict(self.headers)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_pending_webhook_is_delivered_after_kill_9_and_a_restart(tmp_path: Path) -> None:
+    data, secret = tmp_path / "data", "hook-secret"
+    with socket.socket() as probe:  # a port nobody listens on yet: deliveries fail
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ("--allow-private", "--webhook-secret", secret)
+    with service(data, *args, token=TOKEN) as first:
+        job_id = first.submit(count=2, local=True, webhook=f"http://127.0.0.1:{port}/hook")
+        first.finished(job_id)
+        pending = wait_for(lambda: (first.job(job_id)["delivery"] or {}).get("attempts"),
+                           "a failed delivery")  # fmt: skip
+        assert first.job(job_id)["delivery"]["state"] == "pending" and pending >= 1
+        first.proc.kill()
+        first.proc.wait(30)
+    _Hooks.got.clear()
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        with service(data, *args, token=TOKEN) as second:
+            wait_for(lambda: _Hooks.got, "the delivery after the restart")
+            body, headers = _Hooks.got[0]
+            expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            assert headers["X-Downloader-Signature"] == f"sha256={expected}"
+            assert "Authorization" not in headers and TOKEN.encode() not in body
+            sent = json.loads(body)
+            assert (sent["id"], sent["state"], sent["ok"]) == (job_id, "done", 2)
+            job = wait_for(
+                lambda: (j := second.job(job_id))["delivery"]["state"] == "delivered" and j,
+                "the delivery to be recorded",
+            )
+            assert job["delivery"]["status"] == 204 and job["delivery"]["attempts"] >= 1
+            assert len(_Hooks.got) == 1
+    finally:
+        receiver.shutdown()
+        receiver.server_close()

@@ -296,32 +296,51 @@ def bad_count_is_refused(driver: WebDriver) -> None:
     assert driver.find_element(By.ID, "keywords").get_attribute("value") == "cat,dog"
 
 
-def second_job_is_cancelled(driver: WebDriver, first: str) -> str:
-    """A slow job (1.5 s a request), cancelled once its first images are in."""
+def button(driver: WebDriver, job_id: str, name: str) -> WebElement:
+    found: WebElement = row(driver, job_id).find_element(By.CSS_SELECTOR, f".{name}")
+    return found
+
+
+def second_job_pauses_resumes_and_is_cancelled(driver: WebDriver, first: str, shots: Path) -> str:
+    """A slow job (1.5 s a request) at priority 5: paused once its first images are in,
+    resumed, then cancelled."""
+    fill(driver, "priority", "5")
     job = start_job(driver, "200", "1500", {first})
     assert driver.find_element(By.ID, "form-error").text == ""
     wait_for(driver, "the second job running", row_says(job, ".state", "running"))
+    assert row(driver, job).find_element(By.CSS_SELECTOR, ".priority").text == "priority 5"
+    assert not button(driver, job, "resume").is_displayed()
 
     def some_done(d: WebDriver) -> bool:
         text: str = row(d, job).find_element(By.CSS_SELECTOR, ".progress-text").text
         return not text.startswith("0/")
 
     wait_for(driver, "the second job's first images", some_done)
+    button(driver, job, "pause").click()
+    wait_for(driver, "the second job paused", row_says(job, ".state", "paused"))
+    assert not button(driver, job, "pause").is_displayed()
+    assert button(driver, job, "cancel").is_displayed()
+    save_screenshot(driver, shots / "paused.png")
+    button(driver, job, "resume").click()
+    wait_for(driver, "the second job running again", row_says(job, ".state", "running"))
+    assert not button(driver, job, "resume").is_displayed()
     row(driver, job).find_element(By.CSS_SELECTOR, ".cancel").click()
     wait_for(driver, "the second job cancelled", row_says(job, ".state", "cancelled"))
     assert not row(driver, job).find_element(By.CSS_SELECTOR, ".cancel").is_displayed()
     return job
 
 
-def test_the_page_starts_watches_and_cancels_jobs(
+def test_the_page_starts_watches_pauses_and_cancels_jobs(
     service: JobService, browser: WebDriver, tmp_path: Path
 ) -> None:
     driver, base_url = browser, str(service.url)
     driver.get(f"{base_url}/")
     signs_in(driver)
+    api_link = driver.find_element(By.ID, "api-link").get_attribute("href")
+    assert api_link == f"{base_url}/api/v1/openapi.json"
     first = first_job_finishes(driver, base_url)
     bad_count_is_refused(driver)
-    second = second_job_is_cancelled(driver, first)
+    second = second_job_pauses_resumes_and_is_cancelled(driver, first, tmp_path)
     assert row(driver, first).find_element(By.CSS_SELECTOR, ".state").text == "done"
     rows = driver.find_elements(By.CSS_SELECTOR, "#jobs > li")
     assert [item.get_attribute("data-id") for item in rows] == [second, first]  # newest first

@@ -14,10 +14,11 @@ from aiohttp import web
 
 from .. import __version__
 from ..storage import MANIFEST, is_component, is_thumbnail_path
-from .keys import FEEDS, RUNNER, SETTINGS, STORE
-from .spec import JobSpec, parse_body, with_block_private
+from .keys import FEEDS, LOGINS, RUNNER, SETTINGS, STORE
+from .spec import JobSpec, check_priority, parse_body, split_extras, with_block_private
 from .store import STATES
 from .views import ApiError, job_row, job_view, json_text
+from .webhooks import check_url
 
 COOKIE = "downloader_token"
 
@@ -40,7 +41,13 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(given, str):
         raise ApiError(400, 'the body must be {"token": "..."}')
     token = request.app[SETTINGS].service.token
+    limit, address = request.app[LOGINS], request.remote or ""
+    if token and (wait := limit.retry_after(address)) is not None:
+        raise ApiError(
+            429, f"too many wrong tokens; try again in {wait} s", **{"Retry-After": str(wait)}
+        )
     if token and not hmac.compare_digest(given.encode(), token.encode()):
+        limit.wrong(address)
         raise ApiError(401, "wrong token")
     response = web.Response(status=204)
     if token:
@@ -50,14 +57,17 @@ async def login(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/jobs")
 async def create_job(request: web.Request) -> web.Response:
-    body = await _read_json(request)
+    body, extras = split_extras(await _read_json(request))
     settings = request.app[SETTINGS]
     spec = await asyncio.to_thread(parse_body, body, settings)
+    webhook = extras.webhook
+    if webhook is not None:
+        webhook = await check_url(webhook, settings.service.allow_private)
     spec = JobSpec(with_block_private(spec.values, settings), spec.urls, spec.total)
     job_id = secrets.token_urlsafe(12)
     await asyncio.to_thread(_write_spec, settings.service.data / "specs", job_id, spec)
     text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    row = request.app[STORE].add(job_id, text, spec.total)
+    row = request.app[STORE].add(job_id, text, spec.total, extras.priority, webhook)
     request.app[RUNNER].submitted(row)
     return json_text(job_view(request, row), status=201)
 
@@ -120,6 +130,33 @@ async def retry_job(request: web.Request) -> web.Response:
     row = job_row(request)
     if not request.app[RUNNER].retry(row):
         raise ApiError(409, f"job {row.id} is {row.state}; only an ended job can run again")
+    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+
+
+@routes.patch("/api/v1/jobs/{id}")
+async def change_job(request: web.Request) -> web.Response:
+    row = job_row(request)
+    body = await _read_json(request)
+    if not isinstance(body, dict) or set(body) != {"priority"}:
+        raise ApiError(400, 'the body must be {"priority": <integer>}')
+    if not request.app[RUNNER].reprioritize(row, check_priority(body["priority"])):
+        raise ApiError(409, f"job {row.id} is {row.state}; only a waiting job's priority changes")
+    return json_text(job_view(request, request.app[STORE].get(row.id) or row))
+
+
+@routes.post("/api/v1/jobs/{id}/pause")
+async def pause_job(request: web.Request) -> web.Response:
+    row = job_row(request)
+    if not request.app[RUNNER].pause(row):
+        raise ApiError(409, f"job {row.id} is {row.state}; only a queued or running job pauses")
+    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+
+
+@routes.post("/api/v1/jobs/{id}/resume")
+async def resume_job(request: web.Request) -> web.Response:
+    row = job_row(request)
+    if not request.app[RUNNER].resume(row):
+        raise ApiError(409, f"job {row.id} is {row.state}; only a paused job resumes")
     return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
 
 

@@ -9,6 +9,7 @@ so a bad one gets the CLI's one-line message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,15 +19,19 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..netguard import is_loopback
 from ..settings import Settings
-from . import api, pages, streams, timeline_api
+from . import api, metrics, openapi, pages, streams, timeline_api
 from .feed import Feeds, Topic
-from .keys import EVENTS, FEEDS, RUNNER, SETTINGS, STORE
+from .keys import EVENTS, FEEDS, LOGINS, RUNNER, SETTINGS, STORE
+from .logins import LoginLimit
 from .runner import Runner
 from .store import Store
+from .tally import tally
 from .views import ApiError
+from .webhooks import Webhooks
 
 MAX_BODY = 1024 * 1024
 OPEN_PATHS = frozenset({"/api/v1/login", "/api/v1/health"})
+GUARDED = ("/api/", "/files/", "/metrics")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,7 +54,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return error_response(exc.status, str(exc), **extra)
+        return error_response(exc.status, str(exc), **extra, **exc.headers)
     except ConfigError as exc:
         return error_response(400, str(exc))
     except web.HTTPException as exc:
@@ -61,12 +66,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a token, /api and /files need it (header or the page's cookie). Without one
+    """With a token, /api, /files and /metrics need it (header or the page's cookie). Without one
     (loopback only), a request must come from this machine's own pages: a ``Host`` that
     names the service (a DNS-rebinding page's does not) and no foreign ``Origin`` (another
     site's page could otherwise post jobs)."""
     service = request.app[SETTINGS].service
-    guarded = request.path.startswith(("/api/", "/files/")) and request.path not in OPEN_PATHS
+    guarded = request.path.startswith(GUARDED) and request.path not in OPEN_PATHS
     if service.token and guarded and not _has_token(request, service.token):
         raise ApiError(401, "missing or wrong token")
     if not service.token and guarded:
@@ -93,9 +98,13 @@ def make_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors, auth])
     app[SETTINGS] = settings
     app[EVENTS] = Topic()
+    app[LOGINS] = LoginLimit()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
-    for routes in (pages.routes, api.routes, streams.routes, timeline_api.routes):
+    for routes in (
+        pages.routes, api.routes, streams.routes, metrics.routes, openapi.routes,
+        timeline_api.routes,
+    ):  # fmt: skip
         app.add_routes(routes)
     return app
 
@@ -104,14 +113,17 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     data = app[SETTINGS].service.data
     await asyncio.to_thread(_make_folders, data)
     store = Store(data / "jobs.sqlite")
-    feeds = Feeds(data / "jobs")
-    runner = Runner(store, data, app[SETTINGS].service.max_jobs, app[EVENTS], feeds)
+    feeds = Feeds(data / "jobs", on_new=functools.partial(tally, store))
+    webhooks = Webhooks(store, app[SETTINGS].service)
+    runner = Runner(store, data, app[SETTINGS].service.max_jobs, app[EVENTS], feeds, webhooks.ended)
     app[STORE], app[FEEDS], app[RUNNER] = store, feeds, runner
+    webhooks.start()
     runner.start()
     try:
         yield
     finally:
         await runner.stop()
+        await webhooks.stop()
         store.close()
 
 

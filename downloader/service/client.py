@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import requests
@@ -64,6 +65,35 @@ class Service:
         job: dict[str, Any] = response.json()
         return job
 
+    def jobs(self, state: str | None) -> list[dict[str, Any]]:
+        """The service's jobs, newest first."""
+        params = {"limit": "1000", **({"state": state} if state else {})}
+        response = self._call("GET", "/api/v1/jobs", params=params)
+        jobs: list[dict[str, Any]] = response.json()["jobs"]
+        return jobs
+
+    def act(self, job_id: str, action: str) -> dict[str, Any]:
+        """``pause``, ``resume``, ``retry`` or ``cancel`` a job; the job as it now is."""
+        if action == "cancel":
+            response = self._call("DELETE", f"/api/v1/jobs/{quote(job_id, safe='')}")
+        else:
+            response = self._call("POST", f"/api/v1/jobs/{quote(job_id, safe='')}/{action}")
+        job: dict[str, Any] = response.json()
+        return job
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(method, self.url + path, timeout=60, **kwargs)
+        except requests.RequestException as exc:
+            raise ConfigError(f"cannot reach the service at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            raise ConfigError(f"the service refused: {_error(response)}")
+        try:
+            response.json()
+        except ValueError:
+            raise ConfigError(f"{self.url} does not answer as a job service does") from None
+        return response
+
     def events(self, job_id: str) -> Iterator[tuple[str, str]]:
         """(event, data) of the job's stream until ``end``; reconnects where it left off."""
         last_id, failures = "", 0
@@ -88,6 +118,16 @@ class Service:
                 failures += 1
                 if failures > RECONNECTS:
                     raise ConfigError(f"lost the service at {self.url}: {exc}") from None
+
+
+def job_line(job: dict[str, Any]) -> str:
+    """One job as ``download jobs`` lists it."""
+    total = job.get("total")
+    counts = f"{job.get('ok', 0)} ok, {job.get('failed', 0)} failed of {total or '?'}"
+    return (
+        f"{job['id']}  {job['state']:<9}  {counts}  priority {job.get('priority', 0)}  "
+        f"{job.get('created_at', '')}"
+    )
 
 
 def _error(response: requests.Response) -> str:

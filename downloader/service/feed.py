@@ -19,13 +19,16 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..manifest import parse_line
 from ..storage import MANIFEST
 from .store import JobRow
+from .tally import Tally
+
+OnNew = Callable[[str, list[Tally]], None]  # (job id, lines read for the first time)
 
 QUEUE_LIMIT = 10_000  # events a slow listener may lag behind before it is dropped
 
@@ -78,13 +81,21 @@ class _Entry:
     line: str
     status: str  # "ok", "failed", "duplicate"
     paths: tuple[str, ...]
+    bytes: int = 0
+    elapsed_ms: float = 0.0
+
+    def tally(self) -> Tally:
+        status = "failed" if self.status == "failed" else "ok"
+        return Tally(self.index, self.line, status, self.bytes, self.elapsed_ms / 1000)
 
 
 class Feed:
     """The manifest of one job folder as the service has read it so far."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, on_new: OnNew | None = None) -> None:
         self.path = out / MANIFEST
+        self._job_id = out.name
+        self._on_new = on_new
         self.topic = Topic()
         self.epoch = secrets.token_hex(4)
         self.lines: list[str] = []
@@ -134,6 +145,8 @@ class Feed:
 
     def _apply(self, entries: list[_Entry]) -> int:
         new = 0
+        if self._on_new is not None and entries:
+            self._on_new(self._job_id, [entry.tally() for entry in entries])
         for entry in entries:
             old = self._records.get(entry.index)
             if old is not None and old.line == entry.line:
@@ -170,21 +183,25 @@ def _parse(raw: bytes) -> _Entry | None:
         return None  # a torn line of a killed run
     status = "duplicate" if result.duplicate else result.status
     paths = tuple(p for p in (result.path, result.thumbnail) if p is not None)
-    return _Entry(result.index, line, status, paths if status == "ok" else ())
+    return _Entry(
+        result.index, line, status, paths if status == "ok" else (), result.bytes,
+        result.elapsed_ms,
+    )  # fmt: skip
 
 
 class Feeds:
     """The feed of every running job, and of a few others clients asked about lately
     (a feed holds its manifest's lines: it is dropped when nobody needs it)."""
 
-    def __init__(self, jobs_dir: Path, keep: int = 4) -> None:
+    def __init__(self, jobs_dir: Path, keep: int = 4, on_new: OnNew | None = None) -> None:
         self._dir = jobs_dir
+        self._on_new = on_new
         self._keep = keep
         self._feeds: dict[str, Feed] = {}  # least recently used first
         self._pinned: set[str] = set()
 
     def get(self, job_id: str) -> Feed:
-        feed = self._feeds.pop(job_id, None) or Feed(self._dir / job_id)
+        feed = self._feeds.pop(job_id, None) or Feed(self._dir / job_id, self._on_new)
         self._feeds[job_id] = feed
         idle = [k for k, f in self._feeds.items() if k not in self._pinned and not f.topic.queues]
         for key in idle[: max(0, len(idle) - self._keep)]:

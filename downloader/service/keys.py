@@ -7,6 +7,7 @@ from aiohttp import web
 
 from ..settings import Settings
 from .feed import Feeds, Topic
+from .logins import LoginLimit
 from .runner import Runner
 from .store import Store
 
@@ -15,3 +16,4 @@ STORE = web.AppKey("store", Store)
 RUNNER = web.AppKey("runner", Runner)
 FEEDS = web.AppKey("feeds", Feeds)
 EVENTS = web.AppKey("events", Topic)
+LOGINS = web.AppKey("logins", LoginLimit)

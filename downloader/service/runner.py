@@ -3,7 +3,8 @@
 The child (``downloader.service.job``) runs the CLI's pipeline on the job's folder; the
 runner follows it through the manifest, keeps the store's counts and states, and tells
 listeners. Exit codes are ``outcome.ExitCode``: OK and FAILED end ``done``; INTERRUPTED
-after a cancel ends ``cancelled``; IN_USE (its folder is held by an earlier child that is
+after a cancel ends ``cancelled``, after a pause ``paused`` (``resume`` queues it again, to
+go on as a retry does); IN_USE (its folder is held by an earlier child that is
 still stopping) starts the child again a few times; anything else ends ``failed`` with the
 child's last line.
 """
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,17 @@ class _Active:
     feed: Feed
     proc: asyncio.subprocess.Process | None = None
     cancel: bool = False
+    pause: bool = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.cancel or self.pause
+
+    def stop(self) -> None:
+        # One SIGTERM only: a second one makes the job's process exit at once (as a
+        # second Ctrl-C does), which could leave a file without its manifest line.
+        if not self.stopping and self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
 
 
 @dataclass
@@ -59,12 +72,14 @@ class Runner:
         max_jobs: int,
         events: Topic,
         feeds: Feeds,
+        on_end: Callable[[JobRow], None] | None = None,
     ) -> None:
         self.store = store
         self.data = data
         self.max_jobs = max_jobs
         self.events = events
         self.feeds = feeds
+        self._on_end = on_end
         self._active: dict[str, _Active] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -83,7 +98,7 @@ class Runner:
         self._stopping.set()
         self._wake.set()
         for active in self._active.values():  # a job being cancelled has had its SIGTERM
-            if not active.cancel and active.proc is not None and active.proc.returncode is None:
+            if not active.stopping and active.proc is not None and active.proc.returncode is None:
                 active.proc.send_signal(signal.SIGTERM)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
@@ -119,15 +134,42 @@ class Runner:
         """Cancel a queued or running job; False when it has already ended."""
         active = self._active.get(row.id)
         if active is not None:
-            # One SIGTERM only: a second one makes the job's process exit at once (as a
-            # second Ctrl-C does), which could leave a file without its manifest line.
-            if not active.cancel and active.proc is not None and active.proc.returncode is None:
-                active.proc.send_signal(signal.SIGTERM)
-            active.cancel = True
+            active.stop()
+            active.cancel, active.pause = True, False
+            return True
+        if row.state not in ("queued", "paused"):
+            return False
+        self._finished(self.store.move(row.id, "cancelled"))
+        return True
+
+    def pause(self, row: JobRow) -> bool:
+        """Pause a queued or running job (a running one stops as a cancel stops it);
+        False in any other state."""
+        active = self._active.get(row.id)
+        if active is not None:
+            if active.cancel:
+                return False
+            active.stop()
+            active.pause = True
             return True
         if row.state != "queued":
             return False
-        self._finished(self.store.move(row.id, "cancelled"))
+        self._changed(self.store.move(row.id, "paused"))
+        return True
+
+    def resume(self, row: JobRow) -> bool:
+        """Queue a paused job again; it goes on as a retry does (a resumed run)."""
+        if row.state != "paused" or row.id in self._active:
+            return False
+        self.submitted(self.store.move(row.id, "queued"))
+        return True
+
+    def reprioritize(self, row: JobRow, priority: int) -> bool:
+        """A waiting job's new priority; False once it runs or has ended."""
+        if row.state not in ("queued", "paused") or row.id in self._active:
+            return False
+        self._changed(self.store.set_fields(row.id, priority=priority))
+        self._wake.set()
         return True
 
     def retry(self, row: JobRow) -> bool:
@@ -157,7 +199,7 @@ class Runner:
             await _reap_stale(active.row)
             outcome: _Outcome | None = None
             for attempt in range(IN_USE_TRIES):
-                if active.cancel or self._stopping.is_set():
+                if active.stopping or self._stopping.is_set():
                     break
                 outcome = await self._run_once(active)
                 if outcome.code != ExitCode.IN_USE:
@@ -168,6 +210,8 @@ class Runner:
             if outcome is None:  # never started: cancelled, or the service is stopping
                 if active.cancel:
                     self._finished(self.store.move(job_id, "cancelled"))
+                elif active.pause:
+                    self._changed(self.store.move(job_id, "paused"))
                 return
             await active.feed.poll()
             self._end(active, outcome)
@@ -190,7 +234,7 @@ class Runner:
             stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
         )  # fmt: skip
         active.proc = proc
-        if active.cancel or self._stopping.is_set():  # asked while it was starting
+        if active.stopping or self._stopping.is_set():  # asked while it was starting
             proc.send_signal(signal.SIGTERM)
         row = self.store.start(job_id, proc.pid)
         active.row = row
@@ -226,7 +270,7 @@ class Runner:
     def _end(self, active: _Active, outcome: _Outcome) -> None:
         job_id, code, feed = active.row.id, outcome.code, active.feed
         self.store.set_counts(job_id, feed.ok, feed.failed)
-        if self._stopping.is_set() and not active.cancel and code not in ENDED_DONE:
+        if self._stopping.is_set() and not active.stopping and code not in ENDED_DONE:
             log.info("job %s stopped with the service; it resumes at the next start", job_id)
             return  # still "running" in the store: stop() queues it again
         end = outcome.end
@@ -235,6 +279,9 @@ class Runner:
             row = self.store.move(job_id, "done", error=None, **fields)
         elif active.cancel:
             row = self.store.move(job_id, "cancelled", **fields)
+        elif active.pause and code == ExitCode.INTERRUPTED:
+            self._changed(self.store.move(job_id, "paused", **fields))
+            return
         else:
             row = self.store.move(job_id, "failed", error=_reason(outcome))
         self._finished(row)
@@ -246,6 +293,8 @@ class Runner:
         feed = self.feeds.peek(row.id)
         if feed is not None:
             feed.topic.publish(Event("end", job=job))
+        if self._on_end is not None:
+            self._on_end(job)
 
     def _changed(self, row: JobRow) -> JobRow:
         job = self.snapshot(row)

@@ -27,6 +27,7 @@ SERVICE_SECTIONS = ("dask.", "service.")
 # Refuses loopback/private/link-local addresses, checked on the address connected to.
 BLOCK_PRIVATE = "http.block_private"
 ORIGIN = "the job"
+MAX_PRIORITY = 1_000_000  # SQLite's integers are 64-bit; JSON's past 2**53 are not exact
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,32 @@ class JobEnd:
             return cls(str(data["summary"]), float(data["images_per_s"]), data["note"])
         except (ValueError, TypeError, KeyError):
             return None
+
+
+@dataclass(frozen=True)
+class JobExtras:
+    """What a job's body says besides its settings: how it is scheduled and announced."""
+
+    priority: int = 0
+    webhook: Any = None  # checked by ``webhooks.check_url`` (it resolves the name)
+
+
+def split_extras(body: Any) -> tuple[Any, JobExtras]:
+    """The body less ``priority`` and ``webhook``, and those two (``priority`` checked)."""
+    if not isinstance(body, dict):
+        return body, JobExtras()
+    body = dict(body)
+    priority = body.pop("priority", 0)
+    webhook = body.pop("webhook", None)
+    return body, JobExtras(check_priority(priority), webhook)
+
+
+def check_priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
+        raise ConfigError(
+            f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}, got {value!r}"
+        )
+    return value
 
 
 def service_values(service: Settings) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
 
 _SCHEMA = """
@@ -37,18 +37,40 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     pid INTEGER
 );
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, queue_seq);
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_seq);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
     state TEXT NOT NULL,
     at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tallied (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    give_up_at REAL NOT NULL
+);
+"""
+# Columns added after the first release: an older database gets them on open.
+_ADDED = {
+    "priority": "INTEGER NOT NULL DEFAULT 0",
+    "webhook": "TEXT",
+    "delivery": "TEXT",
+}
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority DESC, queue_seq);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_seq);
 """
 _FIELDS = (
     "id", "body", "state", "ok", "failed", "total", "created_at", "started_at",
-    "finished_at", "images_per_s", "summary", "error", "pid",
+    "finished_at", "images_per_s", "summary", "error", "pid", "priority", "webhook",
+    "delivery",
 )  # fmt: skip
 _COLUMNS = ", ".join(_FIELDS)
 
@@ -73,6 +95,9 @@ class JobRow:
     summary: str | None
     error: str | None
     pid: int | None
+    priority: int = 0
+    webhook: str | None = None
+    delivery: str | None = None  # how the webhook's delivery went (a JSON object)
 
     @property
     def final(self) -> bool:
@@ -93,6 +118,17 @@ class Store:
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA busy_timeout = 5000")
         self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        with self._tx() as db:
+            for name, kind in _ADDED.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        self._db.executescript(_INDEXES)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the tables of ``tally`` and ``webhooks`` (same loop)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -112,15 +148,18 @@ class Store:
             "INSERT INTO history (job_id, state, at) VALUES (?, ?, ?)", (job_id, state, at)
         )
 
-    def add(self, job_id: str, body: str, total: int | None) -> JobRow:
+    def add(
+        self, job_id: str, body: str, total: int | None, priority: int = 0,
+        webhook: str | None = None,
+    ) -> JobRow:  # fmt: skip
         at = now()
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(created_seq), 0) + 1 FROM jobs").fetchone()[0]
             queue = db.execute("SELECT COALESCE(MAX(queue_seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
-                "INSERT INTO jobs (id, created_seq, queue_seq, body, state, total, created_at) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                (job_id, seq, queue, body, total, at),
+                "INSERT INTO jobs (id, created_seq, queue_seq, body, state, total, created_at, "
+                "priority, webhook) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, seq, queue, body, total, at, priority, webhook),
             )
             self._record(job_id, "queued", at)
         return self._must_get(job_id)
@@ -145,7 +184,8 @@ class Store:
 
     def next_queued(self, skip: set[str]) -> JobRow | None:
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY queue_seq LIMIT ?",
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' "
+            "ORDER BY priority DESC, queue_seq LIMIT ?",
             (len(skip) + 1,),
         ).fetchall()
         return next((JobRow(*row) for row in rows if row[0] not in skip), None)
@@ -173,6 +213,12 @@ class Store:
                 (state, *fields.values(), job_id),
             )
             self._record(job_id, state, at)
+        return self._must_get(job_id)
+
+    def set_fields(self, job_id: str, **fields: Any) -> JobRow:
+        """Fields that are not a change of state (priority, delivery), in one statement."""
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
         return self._must_get(job_id)
 
     def set_counts(self, job_id: str, ok: int, failed: int) -> None:

@@ -15,20 +15,27 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **headers: str) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def job_json(row: JobRow) -> str:
-    """The job object as JSON text (``spec`` is the body as sent, stored as JSON)."""
+    """The job object as JSON text (``spec`` is the body as sent, stored as JSON, less
+    ``priority`` and ``webhook``, which are the job's own fields; ``delivery`` is how its
+    webhook's delivery went, stored as JSON)."""
     head = {
         "id": row.id, "state": row.state, "ok": row.ok, "failed": row.failed,
         "total": row.total, "created_at": row.created_at, "started_at": row.started_at,
         "finished_at": row.finished_at, "images_per_s": row.images_per_s,
-        "summary": row.summary, "error": row.error,
+        "summary": row.summary, "error": row.error, "priority": row.priority,
+        "webhook": row.webhook,
     }  # fmt: skip
-    return json.dumps(head, separators=(",", ":"))[:-1] + ',"spec":' + row.body + "}"
+    delivery = row.delivery or "null"
+    return (
+        json.dumps(head, separators=(",", ":"))[:-1] + f',"delivery":{delivery},"spec":{row.body}}}'
+    )
 
 
 def job_view(request: web.Request, row: JobRow) -> str:

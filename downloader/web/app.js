@@ -148,9 +148,13 @@ function jobRow(id) {
   link.textContent = shortId(id);
   link.title = id;
   row.querySelector(".cancel").addEventListener("click", () => act(id, "DELETE", ""));
-  row.querySelector(".retry").addEventListener("click", () => act(id, "POST", "/retry"));
-  row.querySelector(".cancel").setAttribute("aria-label", `Cancel job ${shortId(id)}`);
-  row.querySelector(".retry").setAttribute("aria-label", `Retry job ${shortId(id)}`);
+  for (const action of ["pause", "resume", "retry"]) {
+    row.querySelector(`.${action}`).addEventListener("click", () => act(id, "POST", `/${action}`));
+  }
+  for (const action of ["pause", "resume", "cancel", "retry"]) {
+    const name = action[0].toUpperCase() + action.slice(1);
+    row.querySelector(`.${action}`).setAttribute("aria-label", `${name} job ${shortId(id)}`);
+  }
   row.querySelector(".bar").setAttribute("aria-label", `Progress of job ${shortId(id)}`);
   state.rows.set(id, row);
   return row;
@@ -189,6 +193,11 @@ function renderRow(job) {
   fillProgress(row.querySelector(".bar"), row.querySelector(".progress-text"), job);
   row.querySelector(".rate").textContent = rateText(job);
   row.querySelector(".elapsed").textContent = duration(seconds(job));
+  const priority = row.querySelector(".priority");
+  priority.textContent = job.priority ? `priority ${job.priority}` : "";
+  priority.hidden = !job.priority;
+  row.querySelector(".pause").hidden = job.state !== "queued" && job.state !== "running";
+  row.querySelector(".resume").hidden = job.state !== "paused";
   row.querySelector(".cancel").hidden = FINAL.has(job.state);
   row.querySelector(".retry").hidden = !FINAL.has(job.state);
   row.classList.toggle("selected", state.open !== null && state.open.id === job.id);
@@ -292,6 +301,7 @@ const FIELDS = {
   local: "local",
   latency_ms: "latency",
   urls: "urls",
+  priority: "priority",
 };
 
 function integer(text) {
@@ -303,6 +313,8 @@ function integer(text) {
 // checks the rest with the CLI's own rules.
 function jobBody() {
   const body = { backend: $("backend").value, count: integer($("count").value) };
+  const priority = $("priority").value.trim();
+  if (priority && priority !== "0") body.priority = integer(priority);
   const urls = $("urls").value.split("\n").map((u) => u.trim()).filter(Boolean);
   if (urls.length) {
     body.urls = urls;
