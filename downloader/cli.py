@@ -125,6 +125,12 @@ def download_overrides(options: dict[str, Any]) -> dict[str, Any]:
     help="TOML file layered over the defaults (same keys as config/default.toml).",
 )
 @click.option("-v", "--verbose", count=True, help="Print every failure as it happens.")
+@click.option(
+    "--timeline",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Draw every image's wait, cpu and write spans, lane by thread, to FILE (.png or .svg).",
+)
 @click.version_option(package_name="downloader")
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> int:
@@ -151,16 +157,28 @@ def main(ctx: click.Context, /, **options: Any) -> int:
         ctx.obj = options
         return ExitCode.OK
     settings = settings_from_options(options)
-    return _download(settings, verbose=options["verbose"])
+    timeline: Path | None = options["timeline"]
+    if timeline is not None:
+        from .timeline_chart import check_timeline_file
+
+        check_timeline_file(timeline)
+        settings = settings.replace(timeline=True)
+    return _download(settings, verbose=options["verbose"], timeline=timeline)
 
 
-def _download(settings: Settings, verbose: int) -> int:
+def _download(settings: Settings, verbose: int, timeline: Path | None = None) -> int:
     from .pipeline import run
     from .progress import ProgressReporter
 
     with ProgressReporter(settings, verbose) as reporter:
         report = run(settings, reporter, keep_results=False)
     click.echo(report.summary())
+    if timeline is not None:
+        from .timeline_chart import Panel, draw
+
+        panel = Panel(settings.backend, report.spans, bool(settings.thumbnails.python_cpu_ms))
+        draw([[panel]], timeline)
+        click.echo(f"timeline: {timeline}", err=True)
     if report.note:
         click.echo(report.note, err=True)
     if report.fault:
@@ -258,7 +276,7 @@ def submit(ctx: click.Context, /, **options: Any) -> int:
 
 # The usual download options work after `submit` too (the same option objects), but for
 # those a service sets itself.
-_NOT_FOR_JOBS = {"version", "help", "out", "resume", "retry_failed"}
+_NOT_FOR_JOBS = {"version", "help", "out", "resume", "retry_failed", "timeline"}
 submit.params.extend(param for param in main.params if param.name not in _NOT_FOR_JOBS)
 
 
@@ -315,6 +333,10 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
     wanted = CompareSettings(**{key: value for key, value in given.items() if value is not None})
     if wanted.chart is not None:
         scoreboard.check_chart_dependency()
+    if wanted.timeline is not None:
+        from .timeline_chart import check_timeline_file
+
+        check_timeline_file(wanted.timeline)
     config = (ctx.obj or {}).get("config")
     request = comparing.Request(wanted, _size(wanted.size), config)
 
@@ -329,4 +351,6 @@ def compare(ctx: click.Context, /, **options: Any) -> int:
         scoreboard.write_json(outcomes, wanted.json)
     if wanted.chart is not None:
         scoreboard.write_chart(outcomes, wanted.chart)
+    if wanted.timeline is not None:
+        scoreboard.write_timeline(outcomes, wanted.timeline)
     return ExitCode.OK if not any(outcome.failed for outcome in outcomes) else ExitCode.FAILED

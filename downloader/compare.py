@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .jobs import template_for
 from .scenarios import ALL, SCENARIOS, CompareSettings, Scenario
 from .settings import Settings
+from .timeline import Span
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Run:
     p95_ms: float
     processes: int = 1  # most processes seen at once in the run's tree
     process_wall_s: float = 0.0  # from the run's spawn to its exit, start-up included
+    spans: list[Span] = field(default_factory=list, repr=False)  # --timeline only
 
 
 @dataclass
@@ -151,6 +153,7 @@ def _settings(request: Request, scenario: Scenario | None) -> Settings:
         ),
         "thumbnails.executor": scenario.executor if scenario else None,
         "progress": False,
+        "timeline": given.timeline is not None,
     }
     if size is not None:
         overrides["width"], overrides["height"] = size
@@ -193,6 +196,7 @@ def child_main() -> None:
         "wall_s": report.wall_s,
         "p50_ms": report.percentile(50),
         "p95_ms": report.percentile(95),
+        "spans": [span.to_json() for span in report.spans],
     }
     print(json.dumps(numbers))
 
@@ -219,6 +223,7 @@ def run_one(settings: Settings, repeat: int, scratch: Path) -> Run:
         raise ConfigError(f"{settings.backend} run failed: {last}")
     tree = json.loads(usage.read_text())
     numbers = json.loads(stdout.strip().splitlines()[-1])
+    numbers["spans"] = [Span.from_json(span) for span in numbers.get("spans", ())]
     return Run(
         settings.backend,
         repeat,

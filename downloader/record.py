@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import StorageFaultError
@@ -39,13 +40,14 @@ class Recorder:
     observer: Observer | None = None
     keep_results: bool = True
     stop: StopToken | None = None
+    shards: ShardSet | None = None  # a shard format: samples go there before their line
+    # When the run began, on the spans' clock (Settings.timeline): they are kept relative to it.
+    origin: float = field(default_factory=time.time)
 
     def start(self, to_run: int | None, kept: int) -> None:
         """Tell the observer how many jobs the run (or its next round) will fetch."""
         if self.observer is not None:
             self.observer.start(to_run, kept)
-
-    shards: ShardSet | None = None  # a shard format: samples go there before their line
 
     def __call__(self, result: Result) -> None:
         if self.shards is not None:
@@ -61,6 +63,8 @@ class Recorder:
                     self.stop.set(str(exc))
             return
         self.report.add(result)
+        if result.spans:
+            self.report.spans.extend(span.shifted(self.origin) for span in result.spans)
         if self.keep_results:
             self.report.results.append(result)
         if self.observer is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import StorageFault
+from .timeline import Span
 
 DUPLICATE = "duplicate of image #"  # the error of a --unique duplicate, which is removed
 
@@ -52,6 +53,8 @@ class Result:
     fault: StorageFault | None = None
     # A shard format's sample, for the shard writer; never in the manifest.
     sample: Sample | None = None
+    # Its wait, cpu and write spans (Settings.timeline only); never in the manifest.
+    spans: tuple[Span, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -79,12 +82,12 @@ class Result:
         return cls(**fields)
 
 
-_LOCAL = ("fault", "sample")  # never read from a manifest line
+_LOCAL = ("fault", "sample", "spans")  # never read from a manifest line
 _OPTIONAL_FIELDS = (
     "key", "caption", "columns", "original_width", "original_height", "saved_sha256", "stage",
 )  # fmt: skip
 _RESULT_FIELDS = tuple(
-    f.name for f in fields(Result) if f.name not in ("fault", "sample", *_OPTIONAL_FIELDS)
+    f.name for f in fields(Result) if f.name not in (*_LOCAL, *_OPTIONAL_FIELDS)
 )  # always in a manifest line
 
 
@@ -108,6 +111,7 @@ class Report:
     unique: int | None = None  # --unique: distinct images kept
     note: str | None = None  # something the user must hear, e.g. why --unique gave up
     fault: StorageFault | None = None  # the storage fault that stopped the run
+    spans: list[Span] = field(default_factory=list, repr=False)  # Settings.timeline: run's time
 
     def add(self, result: Result) -> None:
         if result.ok:

@@ -118,8 +118,16 @@ class CompareSettings(Checked):
     keep: Path | None = setting(
         None, "Keep each run's output here.", flag="--keep", commands=_COMPARE
     )
+    timeline: Path | None = setting(
+        None,
+        "Record every image's wait, cpu and write spans and draw them, one panel per backend "
+        "(.png or .svg); --json then carries them too.",
+        flag="--timeline",
+        metavar="FILE",
+        commands=_COMPARE,
+    )
 
     @property
     def outputs(self) -> tuple[Path, ...]:
         """The files to be written once the runs are done."""
-        return tuple(path for path in (self.json, self.chart) if path is not None)
+        return tuple(path for path in (self.json, self.chart, self.timeline) if path is not None)

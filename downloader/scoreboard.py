@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compare import Outcome, Row
+from .compare import Outcome, Row, Run
 from .errors import ConfigError
 from .placement import placement
 from .scenarios import Scenario
 from .settings import Settings
+from .timeline import to_json as to_timeline
 
 COLUMNS = (
     "backend", "wall s", "images/s", "CPU ms/img", "MB/s", "p50 ms", "p95 ms", "CPU s",
@@ -146,11 +147,17 @@ def to_json(outcome: Outcome) -> dict[str, Any]:
                 "cpu_ms_per_image": row.cpu_ms_per_image,
                 "cores": row.cores,
                 "mb_per_s": row.mb_per_s,
-                "runs": [dataclasses.asdict(run) for run in row.runs],
+                "runs": [_run_json(run) for run in row.runs],
+                **({"timeline": to_timeline(row.runs[0].spans)} if row.runs[0].spans else {}),
             }
             for row in outcome.rows
         },
     }
+
+
+def _run_json(run: Run) -> dict[str, Any]:
+    # Not asdict: it would deep-copy every span only to drop them.
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(run) if f.name != "spans"}
 
 
 def _advice_json(outcome: Outcome) -> dict[str, Any] | None:
@@ -216,3 +223,21 @@ def write_chart(outcomes: list[Outcome], path: Path) -> None:
         fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_timeline(outcomes: list[Outcome], path: Path) -> None:
+    """Each backend's first run as a timeline panel; one column per scenario."""
+    from .timeline_chart import Panel, draw
+
+    grid = [
+        [
+            Panel(
+                f"{_name(outcome)}: {row.backend}" if len(outcomes) > 1 else row.backend,
+                row.runs[0].spans,
+                show_cpu_use=bool(outcome.settings.thumbnails.python_cpu_ms),
+            )
+            for row in outcome.rows
+        ]
+        for outcome in outcomes
+    ]
+    draw(grid, path, heading=title(outcomes[0]) if len(outcomes) == 1 else "")

@@ -442,6 +442,11 @@ class Settings(Checked):
         "corrupt data between header and end; refuses data after a JPEG's end).",
         flag="--verify",
     )
+    timeline: bool = setting(
+        False,
+        "Record each image's wait, cpu and write spans, and where they ran (--timeline FILE "
+        "draws them).",
+    )
     http: HttpSettings = field(default_factory=HttpSettings)
     thumbnails: ThumbnailSettings = field(default_factory=ThumbnailSettings)
     server: ServerSettings = field(default_factory=ServerSettings)

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InvalidImageError
 from .magic import ends_complete, sniff
 from .samples import SampleSpec, check_size, flatten, make_sample, needs_pixels, resized_size
+from .timeline import Ran
 
 # Formats we accept; restricting Image.open keeps exotic decoders away from untrusted bytes.
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
@@ -40,6 +41,7 @@ class ImageInfo:
     sample: bytes | None = None
     original_width: int = 0
     original_height: int = 0
+    ran: Ran | None = None  # where and when it was made (only with Settings.timeline)
 
 
 def inspect_image(

@@ -36,6 +36,7 @@ from .storage import (
     write_files_async,
 )
 from .thumbnails import ImageInfo, inspect_image
+from .timeline import Laps, ran_stage
 
 if TYPE_CHECKING:
     import aiohttp
@@ -60,8 +61,8 @@ def cpu_stage(settings: Settings) -> CpuStage:
         sample=sample_spec(settings),
     )
     if settings.thumbnails.python_cpu_ms:
-        return functools.partial(busywork.after, stage, settings.thumbnails.python_cpu_ms)
-    return stage
+        stage = functools.partial(busywork.after, stage, settings.thumbnails.python_cpu_ms)
+    return functools.partial(ran_stage, stage) if settings.timeline else stage
 
 
 def sample_spec(settings: Settings) -> SampleSpec | None:
@@ -86,6 +87,7 @@ def handle_sync(
     from .deadline import cut_short_by  # requests' world: the asyncio backends never load it
 
     start = time.perf_counter()
+    laps = Laps(job.index) if settings.timeline else None
     fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
@@ -93,14 +95,18 @@ def handle_sync(
             fetched = fetch_sync(
                 session, job.url, settings.http, sleep=_sleep_until(stop), gate=gate
             )
+        if laps is not None:
+            laps.next()
         info = (cpu or cpu_stage(settings))(fetched.data)
+        if laps is not None:
+            laps.next(info.ran)
         saved = _plan(settings, job, fetched, info)
         write_files(saved.files)
     except FetchError as exc:
-        return failure(job, exc, start, resized=fetched is not None)
+        return with_spans(failure(job, exc, start, resized=fetched is not None), laps)
     except OSError as exc:
-        return not_written(job, exc, start, fetched, settings)
-    return success(job, fetched, info, saved, start)
+        return with_spans(not_written(job, exc, start, fetched, settings), laps)
+    return with_spans(success(job, fetched, info, saved, start), laps)
 
 
 async def handle_async(
@@ -110,22 +116,34 @@ async def handle_async(
     cpu: AsyncCpuStage,
     gate: HostGate | None,
     write: AsyncWrite,
+    slot: int | None = None,
 ) -> Result:
     """Run one job to completion with aiohttp; ``cpu`` runs the thumbnail stage (off the
-    loop, or on it), ``write`` the files (``async_write``)."""
+    loop, or on it), ``write`` the files (``async_write``). ``slot``: the worker task's
+    number, for the timeline."""
     start = time.perf_counter()
+    laps = Laps(job.index, slot) if settings.timeline else None
     fetched: Fetched | None = None
     try:
         _reject_bad_url(job)
         fetched = await fetch_async(session, job.url, settings.http, gate=gate)
+        if laps is not None:
+            laps.next()
         info = await cpu(fetched.data)
+        if laps is not None:
+            laps.next(info.ran)
         saved = _plan(settings, job, fetched, info)
         await write(saved.files)
     except FetchError as exc:
-        return failure(job, exc, start, resized=fetched is not None)
+        return with_spans(failure(job, exc, start, resized=fetched is not None), laps)
     except OSError as exc:
-        return not_written(job, exc, start, fetched, settings)
-    return success(job, fetched, info, saved, start)
+        return with_spans(not_written(job, exc, start, fetched, settings), laps)
+    return with_spans(success(job, fetched, info, saved, start), laps)
+
+
+def with_spans(result: Result, laps: Laps | None) -> Result:
+    """``result`` carrying its timeline spans, when they were recorded."""
+    return result if laps is None else dataclasses.replace(result, spans=laps.finish())
 
 
 def _sleep_until(stop: StopToken | None) -> Callable[[float], None]:

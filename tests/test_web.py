@@ -271,6 +271,10 @@ def first_job_finishes(driver: WebDriver, base_url: str) -> str:
     wait_for(driver, "30/30 in the progress bar", row_says(job, ".progress-text", "30/30"))
     wait_for(driver, "the first job done", row_says(job, ".state", "done"))
     wait_for(driver, "30 thumbnails", lambda d: loaded_thumbnails(d) == 30)
+    timeline = "at once: up to"  # the job's own spans, drawn (web/timeline.js)
+    wait_for(
+        driver, "its timeline", lambda d: timeline in d.find_element(By.ID, "timeline-title").text
+    )
     full = driver.find_element(By.CSS_SELECTOR, "#gallery a").get_attribute("href")
     assert re.fullmatch(rf"{re.escape(base_url)}/files/{job}/[^/]+\.jpg", str(full))
     assert row(driver, job).find_element(By.CSS_SELECTOR, ".retry").is_displayed()

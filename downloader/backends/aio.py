@@ -141,9 +141,9 @@ async def run_jobs(
     gate = gate or HostGate(settings.http.rate)
     async with new_client(settings.http) as session:
 
-        async def worker() -> None:
+        async def worker(slot: int) -> None:
             while (job := await queue.get()) is not _DONE:
-                emit(await handle_async(session, job, settings, cpu, gate, write_files))
+                emit(await handle_async(session, job, settings, cpu, gate, write_files, slot))
 
         async def feed() -> None:
             if isinstance(jobs, AsyncIterable):
@@ -159,5 +159,5 @@ async def run_jobs(
 
         async with asyncio.TaskGroup() as group:
             group.create_task(feed())
-            for _ in range(concurrency):
-                group.create_task(worker())
+            for slot in range(concurrency):
+                group.create_task(worker(slot))

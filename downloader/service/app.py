@@ -19,7 +19,7 @@ from aiohttp import web
 from ..errors import ConfigError
 from ..netguard import is_loopback
 from ..settings import Settings
-from . import api, metrics, openapi, pages, streams
+from . import api, metrics, openapi, pages, streams, timeline_api
 from .feed import Feeds, Topic
 from .keys import EVENTS, FEEDS, LOGINS, RUNNER, SETTINGS, STORE
 from .logins import LoginLimit
@@ -101,7 +101,10 @@ def make_app(settings: Settings) -> web.Application:
     app[LOGINS] = LoginLimit()
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_close_streams)
-    for routes in (pages.routes, api.routes, streams.routes, metrics.routes, openapi.routes):
+    for routes in (
+        pages.routes, api.routes, streams.routes, metrics.routes, openapi.routes,
+        timeline_api.routes,
+    ):  # fmt: skip
         app.add_routes(routes)
     return app
 

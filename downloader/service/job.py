@@ -23,9 +23,11 @@ from types import FrameType
 from ..outcome import ExitCode, for_report, guarded
 from ..stop import StopToken
 from ..storage import MANIFEST
+from ..timeline import SpanLog
 from .spec import JobEnd, JobSpec, job_settings
 
 GRACE_S = 20.0
+TIMELINE = ".timeline.jsonl"  # in OUT, hidden like the lock: the latest run's spans
 _PR_SET_PDEATHSIG = 1
 STOP = StopToken()
 # After a storage fault's fix, a job goes on with the service's retry.
@@ -68,8 +70,10 @@ def _run(spec_path: Path, out: Path) -> int:
     urls = spec_path.with_suffix(".urls") if spec.urls is not None else None
     values = dict(spec.values)
     values["resume"] = (out / MANIFEST).exists()
-    settings = job_settings(values, out, urls)
-    report = run(settings, None, keep_results=False, stop=STOP)
+    # Spans for the job's page (its timeline): a few microseconds an image.
+    settings = job_settings(values, out, urls).replace(timeline=True)
+    with SpanLog(out / TIMELINE) as spans:
+        report = run(settings, spans, keep_results=False, stop=STOP)
     end = JobEnd(report.summary(), report.images_per_s, report.note)
     print(end.to_json(), flush=True)
     if report.fault:  # the job ends failed, with this line as its error

@@ -301,6 +301,39 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/jobs/{id}/timeline": {
+            "get": {
+                "summary": "The spans (wait, cpu, write) of the job's latest run, from ?after=N.",
+                "parameters": [
+                    _ID,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The spans, where to ask from next, the job's state.",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["spans", "next", "state"],
+                                    "properties": {
+                                        "spans": {"type": "array", "items": {"type": "object"}},
+                                        "next": {"type": "integer"},
+                                        "state": {"type": "string", "enum": list(STATES)},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_errors(400, 404),
+                },
+            }
+        },
         "/api/v1/jobs/{id}/events": {
             "get": {
                 "summary": "The job's results as they come "

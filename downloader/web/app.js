@@ -489,6 +489,7 @@ function followJob(open) {
 
 function closeJob() {
   if (state.open && state.open.stream) state.open.stream.close();
+  if (window.jobTimeline) window.jobTimeline.close();
   state.open = null;
   $("detail").hidden = true;
   state.rows.forEach((row) => row.classList.remove("selected"));
@@ -510,6 +511,7 @@ function openJob(id, focus) {
     $("detail-error").textContent = err.message;
   });
   followJob(open);
+  if (window.jobTimeline) window.jobTimeline.open(id);
   if (location.hash !== `#job=${encodeURIComponent(id)}`) {
     history.replaceState(null, "", `#job=${encodeURIComponent(id)}`);
   }
