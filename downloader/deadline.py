@@ -2,7 +2,8 @@
 
 requests' timeout bounds each socket read, so a server that trickles its headers or its
 body one byte at a time, or redirects slowly again and again, never trips it. Here every
-socket a request uses (each redirect hop, fresh or reused from the pool) is recorded, and
+socket a request uses (each redirect hop, fresh or reused from the pool, direct or to an
+http(s) proxy; a socks proxy's are not) is recorded, and
 one watchdog thread per process shuts them down when the request's deadline passes: the
 blocked read wakes with an error, and the fetch shell reports a timeout.
 
@@ -25,6 +26,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager, ProxyManager
 
 if TYPE_CHECKING:
     from .stop import StopToken
@@ -33,13 +35,13 @@ if TYPE_CHECKING:
 _in_flight = threading.local()
 
 
-def _record(conn: HTTPConnection) -> None:
+def _record(sock: socket.socket | None) -> None:
     sockets: list[socket.socket] | None = getattr(_in_flight, "sockets", None)
-    if sockets is not None and conn.sock is not None:
-        sockets.append(conn.sock)
+    if sockets is not None and sock is not None:
+        sockets.append(sock)
         stop: StopToken | None = getattr(_in_flight, "stop", None)
         if stop is not None and stop.is_set():  # opened after the stop's cut: cut it too
-            _shut(conn.sock)
+            _shut(sock)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -48,22 +50,34 @@ def _shut(sock: socket.socket) -> None:
 
 
 class _TrackedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        # Recorded as soon as it is made: a proxy's CONNECT answer (read in connect(),
+        # before the TLS handshake) is under the deadline too.
+        sock = super()._new_conn()
+        _record(sock)
+        return sock
+
     def connect(self) -> None:
         super().connect()
-        _record(self)
+        _record(self.sock)  # the TLS socket, which replaced the plain one
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _record(self)  # a connection reused from the pool: connect() is not called again
+        _record(self.sock)  # a connection reused from the pool: connect() is not called again
         super().request(*args, **kwargs)
 
 
 class _TrackedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _record(sock)
+        return sock
+
     def connect(self) -> None:
         super().connect()
-        _record(self)
+        _record(self.sock)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _record(self)
+        _record(self.sock)
         super().request(*args, **kwargs)
 
 
@@ -75,12 +89,23 @@ class _HTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _TrackedHTTPSConnection
 
 
+_TRACKED_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class DeadlineAdapter(HTTPAdapter):
     """An HTTPAdapter whose connections report their sockets to ``request_deadline``."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = dict(_TRACKED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        # requests makes a manager of its own for each proxy, with urllib3's pools: without
+        # this, a request sent through a proxy would be cut by no deadline.
+        manager: PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, ProxyManager):  # http(s) proxies; socks has pools of its own
+            manager.pool_classes_by_scheme = dict(_TRACKED_POOLS)
+        return manager
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -67,37 +68,108 @@ HEADERS = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: yes\r\n\r\n"
 BYTE_GAP_S = 0.1  # one header byte every 0.1 s: all of them take ~6 s
 
 
-@pytest.fixture
-def trickling_headers() -> Iterator[str]:
-    """A raw server that sends its status line and headers one byte at a time."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+class TricklingServer:
+    """A raw server that answers any request, a direct one or one sent to it as a proxy (an
+    absolute-form GET or a CONNECT), with a status line and headers one byte at a time."""
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.request_lines: list[bytes] = []
+        self.hung_up: list[bool] = []  # per connection: the client left mid-headers
+        self.stop = threading.Event()
+        self.served = threading.Event()  # a connection was answered, or left
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except TimeoutError:
                 continue
             with conn:
-                for byte in HEADERS:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(bytes([byte]))
-                    if stop.wait(BYTE_GAP_S):  # the test is over: stop at once
-                        break
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    self.request_lines.append(conn.recv(4096).split(b"\r\n", 1)[0])
+                self.hung_up.append(self._trickle(conn))
+                self.served.set()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
-    stop.set()
-    thread.join(5)
-    listener.close()
+    def _trickle(self, conn: socket.socket) -> bool:
+        """Whether the client hung up before the last header byte was sent."""
+        for byte in HEADERS:
+            try:
+                conn.sendall(bytes([byte]))
+                readable, _, _ = select.select([conn], [], [], BYTE_GAP_S)
+                if readable and not conn.recv(1):
+                    return True
+            except OSError:
+                return True
+            if self.stop.is_set():  # the test is over: stop at once
+                break
+        return False
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
 
 
-def test_requests_deadline_covers_trickling_headers(trickling_headers: str) -> None:
+@pytest.fixture
+def trickler() -> Iterator[TricklingServer]:
+    server = TricklingServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # urllib's CGI rule for HTTP_PROXY
+    return monkeypatch
+
+
+def _fetch_cut_at_the_deadline(url: str, trickler: TricklingServer) -> None:
     http = HttpSettings(timeout=1.0, retries=0)
     start = time.monotonic()
     with new_session(http) as session, pytest.raises(RetryableFetchError, match="timed out"):
-        fetch_sync(session, trickling_headers, http)
+        fetch_sync(session, url, http)
     assert time.monotonic() - start >= http.timeout - SLACK_S
+    # Cut, not merely late: a client that waited for the headers to end would also call
+    # the request timed out, but would not have left before the server was done.
+    assert trickler.served.wait(10)
+    assert trickler.hung_up == [True]
+
+
+def test_requests_deadline_covers_trickling_headers(
+    trickler: TricklingServer, no_proxy_variables: pytest.MonkeyPatch
+) -> None:
+    _fetch_cut_at_the_deadline(f"http://{trickler.address}/x.jpg", trickler)
+    assert trickler.request_lines == [b"GET /x.jpg HTTP/1.1"]
+
+
+def test_requests_deadline_covers_a_proxy_trickling_headers(
+    trickler: TricklingServer, no_proxy_variables: pytest.MonkeyPatch
+) -> None:
+    # requests keeps the connections to a proxy in pools of their own: the deadline must
+    # track those too. images.test resolves nowhere: only the proxy can be asked for it.
+    no_proxy_variables.setenv("HTTP_PROXY", f"http://{trickler.address}")
+    _fetch_cut_at_the_deadline("http://images.test/x.jpg", trickler)
+    assert trickler.request_lines == [b"GET http://images.test/x.jpg HTTP/1.1"]
+
+
+def test_requests_deadline_covers_a_proxy_trickling_its_connect_answer(
+    trickler: TricklingServer, no_proxy_variables: pytest.MonkeyPatch
+) -> None:
+    # An https:// URL through a proxy: the CONNECT answer is read before the connection is
+    # complete, so its socket is under the deadline from the moment it is made.
+    no_proxy_variables.setenv("HTTPS_PROXY", f"http://{trickler.address}")
+    _fetch_cut_at_the_deadline("https://images.test/x.jpg", trickler)
+    (line,) = trickler.request_lines  # http.client says CONNECT in HTTP/1.0
+    assert line.split()[:2] == [b"CONNECT", b"images.test:443"]
