@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import invoke, unavailable
+from helpers import invoke, unavailable
 
 from downloader import busywork, work
 from downloader.choices import ScenarioName

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     CASES,
     CONTRACT_BACKENDS,
     OK_CASES,

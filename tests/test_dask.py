@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_settings, records, wait_for
+from helpers import make_settings, records, wait_for
 
 from downloader.backends import get_backend
 from downloader.backends.dask import check_out

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from conftest import server_stats
+from helpers import server_stats
 
 from downloader.errors import RetryableFetchError
 from downloader.fetch import fetch_async, fetch_sync, new_session

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import ImageServer, child_env, invoke, jpeg, make_settings, records, server_stats
+from helpers import ImageServer, child_env, invoke, jpeg, make_settings, records, server_stats
 from PIL import Image
 
 import downloader

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
-from conftest import FakeAsyncSleep
+from helpers import FakeAsyncSleep
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
 from downloader.fetch import Fetched, fetch_async

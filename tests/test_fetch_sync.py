@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import responses
-from conftest import FakeSleep
+from helpers import FakeSleep
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
 from downloader.fetch import (

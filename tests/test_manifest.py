@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ImageServer, by_index, invoke, make_settings, records
+from helpers import ImageServer, by_index, invoke, make_settings, records
 
 from downloader import ConfigError
 from downloader.manifest import ManifestWriter, read_manifest

@@ -16,7 +16,7 @@ import pytest
 import requests
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from conftest import CONTRACT_BACKENDS, make_settings, server_stats
+from helpers import CONTRACT_BACKENDS, make_settings, server_stats
 
 from downloader import netguard
 from downloader.config import load_settings

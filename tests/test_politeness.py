@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import responses
 from aiohttp import web
-from conftest import (
+from helpers import (
     FakeAsyncSleep,
     jpeg,
     make_settings,

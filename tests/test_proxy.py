@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ImageServer, child_env, cli_args, make_settings, records, run_cli
+from helpers import ImageServer, child_env, cli_args, make_settings, records, run_cli
 
 from downloader.errors import ConfigError
 from downloader.fetch import new_client, new_session, proxies_configured, proxy_for

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import (
+from helpers import (
     BACKENDS,
     alive,
     assert_no_temp_files,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE_S, ImageServer, make_settings
+from helpers import DEADLINE_S, ImageServer, make_settings
 
 from downloader import StopToken
 from downloader.fetch import Fetched

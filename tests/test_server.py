@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from conftest import server_stats, wait_for
+from helpers import server_stats, wait_for
 from PIL import Image
 
 from downloader.config import load_settings

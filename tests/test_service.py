@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import records
+from helpers import records
 from sseclient import Event as SSEEvent
 from sseclient import SSEClient
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import requests
-from conftest import child_env, download_command, records, wait_for
+from helpers import child_env, download_command, records, wait_for
 
 TOKEN = "process-test-token"
 SLOW = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 2},

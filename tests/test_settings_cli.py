@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from conftest import invoke
+from helpers import invoke
 
 from downloader.backends import BACKENDS as REGISTRY
 from downloader.backends import BackendName

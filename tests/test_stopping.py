@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from helpers import (
     BACKENDS,
     CONTRACT_BACKENDS,
     DEADLINE_S,

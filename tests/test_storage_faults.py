@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import (
+from helpers import (
     CONTRACT_BACKENDS,
     DEADLINE_S,
     ImageServer,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ImageServer, by_index, invoke, make_settings, records
+from helpers import ImageServer, by_index, invoke, make_settings, records
 
 from downloader import StopToken
 from downloader.errors import ConfigError

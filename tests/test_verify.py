@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
-from conftest import bomb_png, jpeg, make_settings
+from helpers import bomb_png, jpeg, make_settings
 from PIL import Image, ImageFile
 
 from downloader.errors import FetchError, InvalidImageError, RetryableFetchError
