@@ -22,7 +22,7 @@ from helpers import (
     wait_for,
 )
 
-from downloader.backends.hybrid import _End, _Run, _Stopping, worker_count, worker_settings
+from downloader.backends.hybrid import End, ParentRun, Stopping, worker_count, worker_settings
 from downloader.children import cpu_count
 from downloader.errors import DownloaderError
 from downloader.pipeline import run
@@ -193,12 +193,12 @@ def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
 def test_a_stop_still_emits_every_result_the_workers_send() -> None:
     """The stop token only wakes the emitting thread: it tells the workers to stop and
     goes on emitting what they still send (their files are on disk) until the end."""
-    run = _Run([])
+    run = ParentRun([])
     run.inbox.put(Result(index=0, url="http://h/0", status="ok"))
-    run.inbox.put(_Stopping())
+    run.inbox.put(Stopping())
     for index in (1, 2):
         run.inbox.put(Result(index=index, url=f"http://h/{index}", status="ok"))
-    run.inbox.put(_End())
+    run.inbox.put(End())
     seen: list[tuple[int, bool]] = []
     run.emit_all(lambda result: seen.append((result.index, run.stopping)))
     assert seen == [(0, False), (1, True), (2, True)]

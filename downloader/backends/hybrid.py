@@ -103,12 +103,12 @@ class _Worker:
             self.jobs.send(message)
 
 
-class _End:
+class End:
     """The receiver's last word: every worker is done (or dead)."""
 
 
-class _Stopping:
-    """The run's stop token was set: tell the workers, then go on emitting until _End."""
+class Stopping:
+    """The run's stop token was set: tell the workers, then go on emitting until End."""
 
 
 class HybridBackend:
@@ -120,7 +120,7 @@ class HybridBackend:
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         workers = _start(settings, worker_count(settings))
-        run = _Run(workers)
+        run = ParentRun(workers)
         try:
             # The receiver first: once a job can have gone out, someone takes its result.
             threading.Thread(target=run.receive, daemon=True, name="hybrid-results").start()
@@ -128,7 +128,7 @@ class HybridBackend:
             threading.Thread(target=run.relay, daemon=True, name="hybrid-pauses").start()
             # A stop (maybe from a signal handler) only wakes the emitting thread, which
             # then tells the workers; it goes on emitting until every worker is done.
-            with stop.calling(lambda: run.inbox.put(_Stopping())):
+            with stop.calling(lambda: run.inbox.put(Stopping())):
                 run.emit_all(emit)  # only this thread emits, and it waits on nothing else
         finally:
             run.stop()
@@ -166,7 +166,7 @@ def _start(settings: Settings, count: int) -> list[_Worker]:
     return workers
 
 
-class _Run:
+class ParentRun:
     """The parent's side: a feeder thread hands out jobs as workers have room, a receiver
     thread takes their results, and the calling thread emits them. ``room`` guards the
     workers' credit, pending jobs and liveness; no pipe is ever written under it."""
@@ -176,7 +176,7 @@ class _Run:
         self.room = threading.Condition()
         self.stopping = False
         # SimpleQueue: its put may run in a signal handler (see HybridBackend.run).
-        self.inbox: queue.SimpleQueue[Result | _End | _Stopping] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Result | End | Stopping] = queue.SimpleQueue()
         # Host pauses heard by one worker, for the others; sent by a thread of their own,
         # so the receiver never waits on a worker's full pipe.
         self.pauses: queue.SimpleQueue[tuple[_Worker, Pause] | None] = queue.SimpleQueue()
@@ -185,8 +185,8 @@ class _Run:
         self.last_failure = ""
 
     def emit_all(self, emit: Emit) -> None:
-        while not isinstance(item := self.inbox.get(), _End):
-            if isinstance(item, _Stopping):
+        while not isinstance(item := self.inbox.get(), End):
+            if isinstance(item, Stopping):
                 self.stop()
             else:
                 emit(item)
@@ -248,7 +248,7 @@ class _Run:
                     if self._take(worker):
                         by_conn[worker.results] = worker
         finally:
-            self.inbox.put(_End())  # after every result and every lost job
+            self.inbox.put(End())  # after every result and every lost job
 
     def _take(self, worker: _Worker) -> bool:
         """Take one message from ``worker``; False once it is done, dead or failed."""

@@ -46,6 +46,8 @@ def _installed(name: str) -> bool:
 
 
 CONTRACT_BACKENDS = BACKENDS + [n for n in REGISTRY if n not in BACKENDS and _installed(n)]
+
+
 def make_settings(backend: str, out: Path, url: str, count: int, **http: object) -> Settings:
     return Settings(
         backend=backend,
