@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .. import __version__
 from ..storage import MANIFEST, is_component, is_thumbnail_path
 from .keys import FEEDS, LOGINS, RUNNER, SETTINGS, STORE
 from .spec import JobSpec, check_priority, parse_body, split_extras, with_block_private
-from .store import STATES
+from .store import STATES, JobRow
 from .views import ApiError, job_row, job_view, json_text
 from .webhooks import check_url
 
@@ -119,17 +120,21 @@ async def get_job(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/jobs/{id}")
 async def cancel_job(request: web.Request) -> web.Response:
-    row = job_row(request)
-    if not request.app[RUNNER].cancel(row):
-        raise ApiError(409, f"job {row.id} has already ended ({row.state})")
-    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+    return _change(request, request.app[RUNNER].cancel, "{id} has already ended ({state})")
 
 
 @routes.post("/api/v1/jobs/{id}/retry")
 async def retry_job(request: web.Request) -> web.Response:
+    refused = "{id} is {state}; only an ended job can run again"
+    return _change(request, request.app[RUNNER].retry, refused)
+
+
+def _change(request: web.Request, act: Callable[[JobRow], bool], refused: str) -> web.Response:
+    """202 with the job as it is after ``act``, or 409 with ``refused`` (formatted with the
+    job's id and state) when ``act`` says the job's state does not allow it."""
     row = job_row(request)
-    if not request.app[RUNNER].retry(row):
-        raise ApiError(409, f"job {row.id} is {row.state}; only an ended job can run again")
+    if not act(row):
+        raise ApiError(409, "job " + refused.format(id=row.id, state=row.state))
     return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
 
 
