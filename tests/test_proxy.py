@@ -8,6 +8,7 @@ import http.client
 import http.server
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -235,83 +236,86 @@ def test_the_cli_says_so_in_one_line(image_server: ImageServer, tmp_path: Path) 
 COUNT = 6
 
 
-def _download(backend: str, image_server: ImageServer, out: Path) -> list[int]:
-    """The indexes saved by a run of ``backend`` over COUNT images of the image server."""
-    settings = make_settings(
-        backend, out, image_server.server.base_url + "/{width}/{height}?lock={i}", COUNT
-    ).replace(thumbnails=ThumbnailSettings(size=0))
-    report = run(settings)
-    assert (report.ok, report.failed) == (COUNT, 0), [r.error for r in report.results]
-    return sorted(r.index for r in report.results)
+@dataclass
+class Proxied:
+    """A test's proxy, image server, scrubbed environment (to set proxy variables in) and
+    output folder."""
+
+    proxy: ForwardProxy
+    image_server: ImageServer
+    env: pytest.MonkeyPatch
+    out: Path
+
+    def download(self, backend: str) -> list[int]:
+        """The indexes saved by a run of ``backend`` over COUNT images of the image server."""
+        url = self.image_server.server.base_url + "/{width}/{height}?lock={i}"
+        settings = make_settings(backend, self.out, url, COUNT)
+        report = run(settings.replace(thumbnails=ThumbnailSettings(size=0)))
+        assert (report.ok, report.failed) == (COUNT, 0), [r.error for r in report.results]
+        return sorted(r.index for r in report.results)
+
+    def through_the_proxy(self) -> list[str]:
+        """What the proxy relayed, each URL checked to be the image server's."""
+        origin = self.image_server.server.base_url
+        assert all(url.startswith(origin + "/") for url in self.proxy.relayed), self.proxy.relayed
+        return self.proxy.relayed
 
 
-def _through_the_proxy(proxy: ForwardProxy, image_server: ImageServer) -> list[str]:
-    origin = image_server.server.base_url
-    assert all(url.startswith(origin + "/") for url in proxy.relayed), proxy.relayed
-    return proxy.relayed
-
-
-@pytest.mark.parametrize("backend", ["sync", "threads", "asyncio"])
-def test_every_request_goes_through_the_proxy(
-    backend: str,
+@pytest.fixture
+def proxied(
     proxy: ForwardProxy,
     image_server: ImageServer,
     clean_env: pytest.MonkeyPatch,
     tmp_path: Path,
-) -> None:
-    clean_env.setenv("HTTP_PROXY", proxy.url)
-    clean_env.setenv("NO_PROXY", "elsewhere.test")  # names another host: changes nothing
-    assert _download(backend, image_server, tmp_path / "out") == list(range(COUNT))
-    relayed = _through_the_proxy(proxy, image_server)
+) -> Proxied:
+    return Proxied(proxy, image_server, clean_env, tmp_path / "out")
+
+
+@pytest.mark.parametrize("backend", ["sync", "threads", "asyncio"])
+def test_every_request_goes_through_the_proxy(backend: str, proxied: Proxied) -> None:
+    proxied.env.setenv("HTTP_PROXY", proxied.proxy.url)
+    proxied.env.setenv("NO_PROXY", "elsewhere.test")  # names another host: changes nothing
+    assert proxied.download(backend) == list(range(COUNT))
+    relayed = proxied.through_the_proxy()
     # each image is a redirect to the photo and the photo: both hops went through it
     assert len(relayed) == 2 * COUNT
     assert sum("/cache/" in url for url in relayed) == COUNT
 
 
 @pytest.mark.parametrize("backend", ["sync", "threads", "asyncio"])
-def test_a_no_proxy_exception_goes_direct(
-    backend: str,
-    proxy: ForwardProxy,
-    image_server: ImageServer,
-    clean_env: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    clean_env.setenv("http_proxy", proxy.url)
-    clean_env.setenv("no_proxy", "localhost,127.0.0.1")
-    assert _download(backend, image_server, tmp_path / "out") == list(range(COUNT))
-    assert proxy.relayed == []
+def test_a_no_proxy_exception_goes_direct(backend: str, proxied: Proxied) -> None:
+    proxied.env.setenv("http_proxy", proxied.proxy.url)
+    proxied.env.setenv("no_proxy", "localhost,127.0.0.1")
+    assert proxied.download(backend) == list(range(COUNT))
+    assert proxied.proxy.relayed == []
 
 
 @pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
 def test_hybrid_workers_use_the_proxy_of_their_environment(
-    no_proxy: str, proxy: ForwardProxy, image_server: ImageServer, tmp_path: Path
+    no_proxy: str, proxied: Proxied, tmp_path: Path
 ) -> None:
     """hybrid's workers (aiohttp, in processes of their own) through the real CLI, whose
     environment they inherit."""
-    out = tmp_path / "out"
-    env = child_env(HTTP_PROXY=proxy.url, NO_PROXY=no_proxy)
-    args = [*cli_args("hybrid", image_server.server.base_url, out, COUNT), "--workers", "2"]
+    out = proxied.out
+    env = child_env(HTTP_PROXY=proxied.proxy.url, NO_PROXY=no_proxy)
+    base_url = proxied.image_server.server.base_url
+    args = [*cli_args("hybrid", base_url, out, COUNT), "--workers", "2"]
     done = run_cli([*args, "--thumbnail-size", "0"], tmp_path, env)
     assert done.returncode == 0, done.stderr
     assert sorted(line["index"] for line in records(out) if line["status"] == "ok") == list(
         range(COUNT)
     )
-    relayed = _through_the_proxy(proxy, image_server)
+    relayed = proxied.through_the_proxy()
     assert len(relayed) == (0 if no_proxy else 2 * COUNT)
 
 
-def test_the_proxy_is_decided_once_per_host(
-    proxy: ForwardProxy,
-    image_server: ImageServer,
-    clean_env: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+def test_the_proxy_is_decided_once_per_host(proxied: Proxied, tmp_path: Path) -> None:
     """Not per request: one look at NO_PROXY for the image server's host, then the cache."""
-    clean_env.setenv("HTTP_PROXY", proxy.url)
-    clean_env.setenv("NO_PROXY", f"once-{tmp_path.name}.test")  # a key no other test used
+    proxied.env.setenv("HTTP_PROXY", proxied.proxy.url)
+    proxied.env.setenv("NO_PROXY", f"once-{tmp_path.name}.test")  # a key no other test used
     before = bypassed.cache_info()
-    _download("asyncio", image_server, tmp_path / "out")
+    proxied.download("asyncio")
     after = bypassed.cache_info()
     assert after.misses - before.misses == 1
     assert after.hits - before.hits == COUNT - 1
-    assert len(proxy.relayed) == 2 * COUNT
+    assert len(proxied.proxy.relayed) == 2 * COUNT
