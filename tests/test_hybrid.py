@@ -18,7 +18,7 @@ from helpers import (
     make_settings,
     records,
     server_stats,
-    tree_after_lines,
+    under_way,
     wait_for,
 )
 
@@ -173,20 +173,17 @@ def test_long_urls_fill_the_pipes_without_a_deadlock(tmp_path: Path) -> None:
 
 
 def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path: Path) -> None:
-    out = tmp_path / "pic"
-    with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
-        args = cli_args("hybrid", server.base_url, out, 400, 8)
-        with launched(args, tmp_path) as proc:
-            tree = tree_after_lines(out, 10, proc)
-            # The workers are the forkserver's children; without them the check below holds
-            # for an empty tree.
-            workers = grandchildren(proc.pid)
-            assert len(workers) == min(cpu_count(), 8) and workers <= tree, (workers, tree)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            wait_for(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
-            assert proc.stderr is not None
-            stderr = proc.stderr.read()  # every writer is gone: this reaches EOF
+    with under_way("hybrid", tmp_path, 400, lines=10, seed=5, concurrency=8) as live:
+        proc, tree = live.proc, live.tree
+        # The workers are the forkserver's children; without them the check below holds
+        # for an empty tree.
+        workers = grandchildren(proc.pid)
+        assert len(workers) == min(cpu_count(), 8) and workers <= tree, (workers, tree)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(alive(pid) for pid in tree), "the workers to exit")
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()  # every writer is gone: this reaches EOF
     assert "Traceback" not in stderr, stderr
 
 

@@ -24,20 +24,19 @@ from click.testing import CliRunner
 from helpers import (
     BACKENDS,
     alive,
+    assert_files_whole,
     assert_no_temp_files,
     assert_ok_files_match,
-    assert_visible_images_decode,
     by_index,
-    cli_args,
     entry_key,
     jpeg,
-    launched,
     make_settings,
     manifest_text,
     records,
     run_cli,
     server_stats,
-    tree_after_lines,
+    settled_lines,
+    under_way,
     wait_for,
 )
 
@@ -115,42 +114,35 @@ def test_every_image_survives_injected_faults(backend: str, tmp_path: Path) -> N
 @pytest.mark.parametrize("backend", ["asyncio", "processes", "hybrid"])
 def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path: Path) -> None:
     count = 120
-    out = tmp_path / "pic"
-    with server_thread(make_app(ServerSettings(seed=5, latency_ms=30))) as server:
-        args = cli_args(backend, server.base_url, out, count)
-        with launched(args, tmp_path) as proc:
-            tree = tree_after_lines(out, 20, proc)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    with under_way(backend, tmp_path, count, lines=20, seed=5) as live:
+        out, proc = live.out, live.proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
 
         killed = by_index(records(out))  # every complete line is valid JSON
         assert 20 <= len(killed) < count, "the kill should land mid-run"
-        assert_visible_images_decode(out)
-        assert_ok_files_match(out, killed)
+        assert_files_whole(out, killed)
         kept = {i for i, line in killed.items() if line["status"] == "ok"}
 
-        before = server_stats(server)
-        resumed = run_cli([*args, "--resume"], tmp_path)
-        after = server_stats(server)
+        before = server_stats(live.server)
+        resumed = run_cli([*live.args, "--resume"], tmp_path)
+        after = server_stats(live.server)
 
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
     assert f"{len(kept)} kept" in resumed.stdout
-    lines = by_index(records(out))
-    assert manifest_text(out).endswith("\n")
+    lines = settled_lines(out)  # the killed run's temp files were swept
     assert sorted(lines) == list(range(count))
     assert all(line["status"] == "ok" for line in lines.values())
-    assert_ok_files_match(out, lines)
-    assert_no_temp_files(out)  # the killed run's temp files were swept
-    assert_visible_images_decode(out)
+    assert_files_whole(out, lines)
 
     again = {i for i in range(count) if after[entry_key(i)] != before[entry_key(i)]}
     assert again & kept == set(), "an image recorded ok was fetched again"
     assert again == set(range(count)) - kept, "every image not recorded ok is fetched"
 
     # The pool workers and the forkserver of the killed run did not outlive it.
-    wait_for(lambda: not any(alive(pid) for pid in tree), "the killed run's children to exit")
+    wait_for(lambda: not any(alive(pid) for pid in live.tree), "the killed run's children to exit")
 
 
 # ---------------------------------------------------------------------------- 3. retry/resume
@@ -257,12 +249,10 @@ def test_resume_refetches_only_missing_altered_and_torn(
     requested = {i for i in range(count) if state.hits[i] != before[i]}
     assert requested == {torn, deleted, altered, no_thumb}
     assert (report.ok, report.failed, report.skipped) == (4, 0, count - 4)
-    lines_after = by_index(records(out))
-    assert manifest_text(out).endswith("\n")
+    lines_after = settled_lines(out)
     assert sorted(lines_after) == list(range(count))
     assert all(line["status"] == "ok" for line in lines_after.values())
-    assert_ok_files_match(out, lines_after)
-    assert_visible_images_decode(out)
+    assert_files_whole(out, lines_after)
 
 
 # ---------------------------------------------------------------------------- 4. bad input

@@ -22,19 +22,18 @@ from helpers import (
     DEADLINE_S,
     ImageServer,
     alive,
-    assert_no_temp_files,
+    assert_files_whole,
     assert_ok_files_match,
-    assert_visible_images_decode,
     by_index,
     cli_args,
     complete_lines,
     grandchildren,
     launched,
     make_settings,
-    manifest_text,
     records,
     server_stats,
-    tree_after_lines,
+    settled_lines,
+    under_way,
     visible_files,
     wait_for,
 )
@@ -63,28 +62,22 @@ from downloader.storage import MANIFEST
 )
 def test_signal_stops_the_run_cleanly(backend: str, signum: int, tmp_path: Path) -> None:
     count = 200
-    out = tmp_path / "pic"
-    with server_thread(make_app(ServerSettings(seed=6, latency_ms=30))) as server:
-        args = cli_args(backend, server.base_url, out, count)
-        with launched(args, tmp_path) as proc:
-            tree = tree_after_lines(out, 10, proc)
-            # To the main process only: a terminal's Ctrl-C signals the whole group, which
-            # can kill a pool worker (processes, or the thumbnail pool) that is still
-            # starting, see test_ctrl_c_while_pool_workers_start.
-            os.kill(proc.pid, signum)
-            stdout, stderr = proc.communicate(timeout=60)
+    with under_way(backend, tmp_path, count, lines=10, seed=6) as live:
+        out, proc, tree = live.out, live.proc, live.tree
+        # To the main process only: a terminal's Ctrl-C signals the whole group, which
+        # can kill a pool worker (processes, or the thumbnail pool) that is still
+        # starting, see test_ctrl_c_while_pool_workers_start.
+        os.kill(proc.pid, signum)
+        stdout, stderr = proc.communicate(timeout=60)
 
     assert proc.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stderr
     summary = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
     assert len(summary) == 1, stdout
-    assert_no_temp_files(out)
-    assert manifest_text(out).endswith("\n")  # no torn line after a clean stop
-    lines = by_index(records(out))
+    lines = settled_lines(out)  # no torn line after a clean stop
     assert 10 <= len(lines) < count, "the signal should land mid-run"
     assert set(lines) <= set(range(count))
-    assert_ok_files_match(out, lines)
-    assert_visible_images_decode(out)
+    assert_files_whole(out, lines)
     # The summary counts exactly the results the manifest recorded.
     ok = sum(line["status"] == "ok" for line in lines.values())
     failed = len(lines) - ok
@@ -157,10 +150,8 @@ def test_interrupt_while_recording_leaves_no_unrecorded_image(
     report = run(make_settings(backend, out, url, 40), InterruptWhileRecording(at=5))
 
     assert report.interrupted
-    assert manifest_text(out).endswith("\n")
-    lines = by_index(records(out))
+    lines = settled_lines(out)
     assert 5 <= len(lines) < 40
-    assert_no_temp_files(out)
     recorded = {line["path"] for line in lines.values() if line["status"] == "ok"}
     on_disk = {p.name for p in visible_files(out) if p.parent == out and p.name != MANIFEST}
     assert on_disk - recorded == set(), "images on disk that the manifest does not record"
@@ -252,9 +243,7 @@ def test_a_stop_token_set_from_another_thread_stops_the_run(backend: str, tmp_pa
     assert not thread.is_alive()
     report = box["report"]
     assert report.interrupted and report.stop_reason == "test"
-    assert_no_temp_files(out)
-    assert manifest_text(out).endswith("\n")
-    lines = by_index(records(out))
+    lines = settled_lines(out)
     assert 8 <= len(lines) < count, "the stop should land mid-run"
     assert report.ok + report.failed == len(lines)
     assert_ok_files_match(out, lines)

@@ -14,6 +14,7 @@ from .basics import (
     wait_for,
 )
 from .disk import (
+    assert_files_whole,
     assert_no_temp_files,
     assert_ok_files_match,
     assert_visible_images_decode,
@@ -21,9 +22,11 @@ from .disk import (
     complete_lines,
     manifest_text,
     records,
+    settled_lines,
     visible_files,
 )
 from .processes import (
+    UnderWay,
     alive,
     child_env,
     cli_args,
@@ -34,6 +37,7 @@ from .processes import (
     launched,
     run_cli,
     tree_after_lines,
+    under_way,
 )
 from .server import (
     CASES,
@@ -58,8 +62,10 @@ __all__ = [
     "FakeAsyncSleep",
     "FakeSleep",
     "ImageServer",
+    "UnderWay",
     "add_hostile_routes",
     "alive",
+    "assert_files_whole",
     "assert_no_temp_files",
     "assert_ok_files_match",
     "assert_visible_images_decode",
@@ -81,8 +87,10 @@ __all__ = [
     "records",
     "run_cli",
     "server_stats",
+    "settled_lines",
     "tree_after_lines",
     "unavailable",
+    "under_way",
     "visible_files",
     "wait_for",
 ]

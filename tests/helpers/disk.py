@@ -70,3 +70,17 @@ def assert_ok_files_match(out: Path, lines: dict[int, dict[str, Any]]) -> None:
         assert len(data) == line["bytes"], index
         if line["thumbnail"] is not None:
             assert (out / line["thumbnail"]).is_file(), index
+
+
+def settled_lines(out: Path) -> dict[int, dict[str, Any]]:
+    """The manifest of a run that ended (finished or stopped, not killed), by index: its last
+    line is whole, and no temp file is left."""
+    assert manifest_text(out).endswith("\n")  # no torn line
+    assert_no_temp_files(out)
+    return by_index(records(out))
+
+
+def assert_files_whole(out: Path, lines: dict[int, dict[str, Any]]) -> None:
+    """Every visible image decodes, and each ``ok`` line's file is the one it describes."""
+    assert_visible_images_decode(out)
+    assert_ok_files_match(out, lines)

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from click.testing import CliRunner, Result
 
 from downloader.cli import main as cli_main
+from downloader.server import RunningServer, make_app, server_thread
+from downloader.settings import ServerSettings
 
 from .basics import REPO, wait_for
 from .disk import complete_lines
@@ -139,3 +142,27 @@ def tree_after_lines(out: Path, lines: int, proc: subprocess.Popen[str]) -> set[
 def alive(pid: int) -> bool:
     info = _proc_stat(pid)
     return info is not None and info[1] != "Z"  # a zombie has exited; init may not reap it
+
+
+@dataclass(frozen=True)
+class UnderWay:
+    """A ``download`` process part-way through its run (see ``under_way``)."""
+
+    server: RunningServer
+    out: Path
+    args: list[str]
+    proc: subprocess.Popen[str]
+    tree: set[int]  # its process tree once the first lines were written
+
+
+@contextmanager
+def under_way(
+    backend: str, cwd: Path, count: int, lines: int, seed: int, concurrency: int = 4
+) -> Iterator[UnderWay]:
+    """``download`` of ``count`` images into ``cwd/pic`` from a built-in server slowed to
+    30 ms an image (so the run lasts), once its manifest has ``lines`` complete lines."""
+    out = cwd / "pic"
+    with server_thread(make_app(ServerSettings(seed=seed, latency_ms=30))) as server:
+        args = cli_args(backend, server.base_url, out, count, concurrency)
+        with launched(args, cwd) as proc:
+            yield UnderWay(server, out, args, proc, tree_after_lines(out, lines, proc))
