@@ -123,6 +123,19 @@ def gate() -> Iterator[tuple[Gate, str]]:
     state.open.set()
 
 
+@contextmanager
+def past_the_gate(
+    gate: tuple[Gate, str], cwd: Path, out: Path, count: int, *options: str
+) -> Iterator[tuple[list[str], subprocess.Popen[str]]]:
+    """``download OPTIONS`` of ``count`` images from the Gate into OUT, once the images
+    before the gate have their lines (the rest wait for it); yields its arguments and it."""
+    state, url = gate
+    args = [*options, "-n", str(count), "--url", url, "--out", str(out), "-q"]
+    with launched(args, cwd, env=ENV) as proc:
+        wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
+        yield args, proc
+
+
 def manifest(out: Path) -> dict[int, dict[str, Any]]:
     """Every manifest line parsed (each must be whole, valid JSON), one per index."""
     text = (out / MANIFEST).read_text()
@@ -237,13 +250,10 @@ def test_the_lock_holds_on_a_file_system_that_wants_a_writable_descriptor(
 def test_a_run_killed_with_9_does_not_block_the_next(
     gate: tuple[Gate, str], tmp_path: Path
 ) -> None:
-    state, url = gate
+    state = gate[0]
     out = tmp_path / "pic"
     count = 12
-    args = ["--concurrency", "2", "-n", str(count), "--url", url]
-    args += ["--out", str(out), "-q"]
-    with launched(args, tmp_path, env=ENV) as proc:
-        wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
+    with past_the_gate(gate, tmp_path, out, count, "--concurrency", "2") as (args, proc):
         assert holder(out) == proc.pid
         os.kill(proc.pid, signal.SIGKILL)  # its thumbnail pool may live on a moment
         proc.wait(timeout=30)
@@ -520,12 +530,9 @@ def test_a_full_file_system_stops_the_run_and_resume_finishes_it(
 
 
 def test_out_removed_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) -> None:
-    state, url = gate
+    state = gate[0]
     out = tmp_path / "pic"
-    count = 40
-    args = ["--concurrency", "2", "-n", str(count), "--url", url, "--out", str(out), "-q"]
-    with launched(args, tmp_path, env=ENV) as proc:
-        wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
+    with past_the_gate(gate, tmp_path, out, 40, "--concurrency", "2") as (_, proc):
         shutil.rmtree(out)
         state.open.set()
         stdout, stderr = proc.communicate(timeout=DEADLINE_S)
@@ -536,14 +543,11 @@ def test_out_removed_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) ->
 
 
 def test_out_made_read_only_mid_run_stops_it(gate: tuple[Gate, str], tmp_path: Path) -> None:
-    state, url = gate
-    count = 40
+    state = gate[0]
+    options = ("--backend", "threads", "--concurrency", "2")
     with tmpfs(tmp_path / "disk", "16m") as disk:
         out = disk / "pic"
-        args = ["--backend", "threads", "--concurrency", "2", "-n", str(count), "--url", url]
-        args += ["--out", str(out), "-q"]
-        with launched(args, tmp_path, env=ENV) as proc:
-            wait_for(lambda: len(complete_lines(out)) >= state.after, "the first lines", proc=proc)
+        with past_the_gate(gate, tmp_path, out, 40, *options) as (_, proc):
             remount(disk, "ro")
             state.open.set()
             stdout, stderr = proc.communicate(timeout=DEADLINE_S)
