@@ -23,6 +23,7 @@ from aiohttp import web
 from click.testing import CliRunner
 from helpers import (
     BACKENDS,
+    CountingRoute,
     alive,
     assert_files_whole,
     assert_no_temp_files,
@@ -148,25 +149,19 @@ def test_kill_9_then_resume_fetches_only_what_is_missing(backend: str, tmp_path:
 # ---------------------------------------------------------------------------- 3. retry/resume
 
 
-class Flip:
+class Flip(CountingRoute):
     """``/flip/{i}``: odd indices answer 404 until ``healed``; counts every request."""
 
+    route = "/flip/{i}"
+
     def __init__(self) -> None:
+        super().__init__()
         self.healed = False
-        self.hits: Counter[int] = Counter()
 
-    def app(self) -> web.Application:
-        app = make_app(ServerSettings(seed=1))
-
-        async def flip(request: web.Request) -> web.Response:
-            index = int(request.match_info["i"])
-            self.hits[index] += 1
-            if index % 2 and not self.healed:
-                raise web.HTTPNotFound(text="not yet")
-            return web.Response(body=jpeg(index % 7), content_type="image/jpeg")
-
-        app.router.add_get("/flip/{i}", flip)
-        return app
+    async def answer(self, index: int) -> web.Response:
+        if index % 2 and not self.healed:
+            raise web.HTTPNotFound(text="not yet")
+        return web.Response(body=jpeg(index % 7), content_type="image/jpeg")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from aiohttp import web
 from helpers import (
     CONTRACT_BACKENDS,
     DEADLINE_S,
+    CountingRoute,
     ImageServer,
     child_env,
     complete_lines,
@@ -68,31 +68,25 @@ def cli_args(
     ]  # fmt: skip
 
 
-class Gate:
+class Gate(CountingRoute):
     """``/gate/{i}``: images from index ``after`` on wait until ``open`` is set, so a run
     stays mid-way for as long as a test needs, whatever the machine's speed. Indices in
     ``fail`` answer 503 (with ``--retries 0``, a failed image). Counts every request."""
 
+    route = "/gate/{i}"
+
     def __init__(self, after: int, fail: frozenset[int] = frozenset()) -> None:
+        super().__init__()
         self.after = after
         self.fail = fail
         self.open = threading.Event()
-        self.hits: Counter[int] = Counter()
 
-    def app(self) -> web.Application:
-        app = make_app(ServerSettings(seed=1))
-
-        async def image(request: web.Request) -> web.Response:
-            index = int(request.match_info["i"])
-            self.hits[index] += 1
-            while index >= self.after and not self.open.is_set():
-                await asyncio.sleep(0.01)
-            if index in self.fail:
-                raise web.HTTPServiceUnavailable()
-            return web.Response(body=jpeg(index % 5, (64, 48)), content_type="image/jpeg")
-
-        app.router.add_get("/gate/{i}", image)
-        return app
+    async def answer(self, index: int) -> web.Response:
+        while index >= self.after and not self.open.is_set():
+            await asyncio.sleep(0.01)
+        if index in self.fail:
+            raise web.HTTPServiceUnavailable()
+        return web.Response(body=jpeg(index % 5, (64, 48)), content_type="image/jpeg")
 
 
 def gate_args(base_url: str, out: Path, count: int) -> list[str]:

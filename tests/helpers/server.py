@@ -13,7 +13,8 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from downloader.server import RunningServer, render_photo
+from downloader.server import RunningServer, make_app, render_photo
+from downloader.settings import ServerSettings
 
 OVERSIZE_CAP = 200_000
 
@@ -145,3 +146,27 @@ def server_stats(server: RunningServer | str) -> Counter[str]:
 def entry_key(index: int) -> str:
     """The path and query the built-in server counts for image ``index`` (320x240)."""
     return f"/320/240?lock={index}"
+
+
+class CountingRoute:
+    """The built-in server plus one route, ``route`` (with an ``{i}``), that counts each
+    request by its index and answers as the subclass's ``answer`` says."""
+
+    route: str
+
+    def __init__(self) -> None:
+        self.hits: Counter[int] = Counter()
+
+    async def answer(self, index: int) -> web.Response:
+        raise NotImplementedError
+
+    def app(self) -> web.Application:
+        app = make_app(ServerSettings(seed=1))
+
+        async def counted(request: web.Request) -> web.Response:
+            index = int(request.match_info["i"])
+            self.hits[index] += 1
+            return await self.answer(index)
+
+        app.router.add_get(self.route, counted)
+        return app
