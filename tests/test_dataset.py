@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from aiohttp import web
-from conftest import (
+from helpers import (
     CONTRACT_BACKENDS,
     by_index,
     cli_args,

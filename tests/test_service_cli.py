@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from conftest import child_env, download_command, wait_for
+from helpers import child_env, download_command, wait_for
 
 TOKEN = "cli-test-token"
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import child_env, download_command, wait_for
+from helpers import child_env, download_command, wait_for
 
 from downloader.config import load_settings
 from downloader.service.app import make_app

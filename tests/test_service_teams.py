@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import records
+from helpers import records
 from prometheus_client.parser import text_string_to_metric_families
 
 from downloader.config import load_settings
