@@ -8,61 +8,19 @@ import io
 import json
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from helpers import records
+from helpers.service import SMALL, service_client, submit, until
 from sseclient import Event as SSEEvent
 from sseclient import SSEClient
 
-from downloader.config import load_settings
-from downloader.service.app import make_app
 from downloader.service.keys import SETTINGS, STORE
 
 TOKEN = "s3cret-token"
-SMALL = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 4}}
-
-
-def service_settings(data: Path, **service: Any) -> Any:
-    overrides = {"service.data": data, **{f"service.{k}": v for k, v in service.items()}}
-    return load_settings(environ={}, overrides=overrides)
-
-
-async def _client(data: Path, **service: Any) -> TestClient[Any, Any]:
-    client: TestClient[Any, Any] = TestClient(
-        TestServer(make_app(service_settings(data, **service)))
-    )
-    await client.start_server()
-    return client
-
-
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
-    client = await _client(tmp_path / "data")
-    yield client
-    await client.close()
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def submit(client: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
-    response = await client.post("/api/v1/jobs", json={**SMALL, **body})
-    assert response.status == 201, await response.text()
-    job: dict[str, Any] = await response.json()
-    return job
 
 
 async def finished(client: TestClient[Any, Any], job_id: str) -> dict[str, Any]:
@@ -307,7 +265,7 @@ def assert_every_file_has_its_line(out: Path) -> None:
 
 
 async def test_token_guards_api_and_files_not_health_or_login(tmp_path: Path) -> None:
-    client = await _client(tmp_path / "data", token=TOKEN)
+    client = await service_client(tmp_path / "data", token=TOKEN)
     try:
         assert (await client.get("/api/v1/health")).status == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
@@ -330,7 +288,7 @@ async def test_token_guards_api_and_files_not_health_or_login(tmp_path: Path) ->
 
 
 async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
-    client = await _client(tmp_path / "data")
+    client = await service_client(tmp_path / "data")
     response = await client.get("/api/v1/events")
     assert response.status == 200
     job = await submit(client, count=1)
@@ -348,7 +306,7 @@ async def test_shutdown_ends_open_streams(tmp_path: Path) -> None:
 async def test_jobs_cannot_reach_private_addresses_unless_allowed(
     tmp_path: Path, image_server: Any, allow_private: bool
 ) -> None:
-    client = await _client(tmp_path / "data", allow_private=allow_private)
+    client = await service_client(tmp_path / "data", allow_private=allow_private)
     try:
         url = f"{image_server.base}/64/48?lock=3"  # the test server, on 127.0.0.1
         response = await client.post(
@@ -368,7 +326,7 @@ async def test_jobs_cannot_reach_private_addresses_unless_allowed(
 
 
 async def test_the_page_is_served_without_a_token(tmp_path: Path) -> None:
-    client = await _client(tmp_path / "data", token=TOKEN)
+    client = await service_client(tmp_path / "data", token=TOKEN)
     try:
         page = await client.get("/")
         assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
@@ -385,7 +343,7 @@ async def test_the_page_is_served_without_a_token(tmp_path: Path) -> None:
 async def test_a_job_whose_folder_is_in_use_waits_for_it(tmp_path: Path) -> None:
     from downloader.lock import OutputLock
 
-    client = await _client(tmp_path / "data", max_jobs=1)
+    client = await service_client(tmp_path / "data", max_jobs=1)
     try:
         first = await submit(client, count=40, server={"latency_ms": 100}, http={"concurrency": 2})
         second = await submit(client, count=2)

@@ -7,8 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,46 +15,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import records
+from helpers.service import SMALL, service_client, submit, until
 from prometheus_client.parser import text_string_to_metric_families
 
-from downloader.config import load_settings
-from downloader.service.app import make_app
 from downloader.service.keys import SETTINGS, STORE
 
-SMALL = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 4}}
 SLOW = {**SMALL, "server": {"latency_ms": 100}, "http": {"concurrency": 2}}
 SECRET = "hook-secret"
-
-
-async def start(data: Path, **service: Any) -> TestClient[Any, Any]:
-    overrides = {"service.data": data, **{f"service.{k}": v for k, v in service.items()}}
-    settings = load_settings(environ={}, overrides=overrides)
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(settings)))
-    await client.start_server()
-    return client
-
-
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
-    client = await start(tmp_path / "data")
-    yield client
-    await client.close()
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
-
-
-async def submit(client: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
-    response = await client.post("/api/v1/jobs", json={**SMALL, **body})
-    assert response.status == 201, await response.text()
-    job: dict[str, Any] = await response.json()
-    return job
 
 
 async def job_of(client: TestClient[Any, Any], job_id: str) -> dict[str, Any]:
@@ -97,7 +63,7 @@ async def scrape(client: TestClient[Any, Any]) -> dict[tuple[str, str], float]:
 
 
 async def test_metrics_count_every_image_once_across_a_restart(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data")
+    client = await service_client(tmp_path / "data")
     job = await submit(client, count=6)
     await ended(client, job["id"])
     failing = await submit(client, count=2, server={"fail_rate": 1.0}, http={"retries": 0})
@@ -115,7 +81,7 @@ async def test_metrics_count_every_image_once_across_a_restart(tmp_path: Path) -
     assert first[("downloader_jobs", "state=done")] == 2
     assert first[("downloader_jobs", "state=running")] == 0
 
-    again = await start(tmp_path / "data")  # the feeds are read again from the manifests
+    again = await service_client(tmp_path / "data")  # the feeds are read again from the manifests
     try:
         for job_id in (job["id"], failing["id"]):  # a file's request reads its manifest
             assert (await again.get(f"/files/{job_id}/{lines[0]['path']}")).status in (200, 404)
@@ -125,7 +91,7 @@ async def test_metrics_count_every_image_once_across_a_restart(tmp_path: Path) -
 
 
 async def test_metrics_need_the_token_when_one_is_set(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data", token="t0ken")
+    client = await service_client(tmp_path / "data", token="t0ken")
     try:
         assert (await client.get("/metrics")).status == 401
         ok = await client.get("/metrics", headers={"Authorization": "Bearer t0ken"})
@@ -138,7 +104,7 @@ async def test_metrics_need_the_token_when_one_is_set(tmp_path: Path) -> None:
 
 
 async def test_queued_jobs_start_highest_priority_first(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data", max_jobs=1)
+    client = await service_client(tmp_path / "data", max_jobs=1)
     try:
         blocker = await submit(client, count=40, **SLOW)
         await in_state(client, blocker["id"], "running")
@@ -192,7 +158,7 @@ def assert_every_file_has_its_line(out: Path) -> None:
 
 
 async def test_pause_stops_a_job_that_resume_continues(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data")
+    client = await service_client(tmp_path / "data")
     job = await submit(client, count=40, **SLOW)
     job_id = job["id"]
     assert (await client.post(f"/api/v1/jobs/{job_id}/resume")).status == 409
@@ -210,7 +176,7 @@ async def test_pause_stops_a_job_that_resume_continues(tmp_path: Path) -> None:
     kept = kept_files(out)
     await client.close()
 
-    client = await start(tmp_path / "data")  # a paused job stays paused across a restart
+    client = await service_client(tmp_path / "data")  # a paused job stays paused across a restart
     try:
         await asyncio.sleep(0.5)
         assert (await job_of(client, job_id))["state"] == "paused"
@@ -229,7 +195,7 @@ async def test_pause_stops_a_job_that_resume_continues(tmp_path: Path) -> None:
 
 
 async def test_a_queued_job_pauses_and_a_paused_one_cancels(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data", max_jobs=1)
+    client = await service_client(tmp_path / "data", max_jobs=1)
     try:
         blocker = await submit(client, count=40, **SLOW)
         waiting = await submit(client, count=1)
@@ -276,7 +242,7 @@ async def test_a_webhook_is_signed_and_retried_until_delivered(
     tmp_path: Path, receiver: tuple[Receiver, str]
 ) -> None:
     hooks, url = receiver
-    client = await start(tmp_path / "data", allow_private=True, webhook_secret=SECRET,
+    client = await service_client(tmp_path / "data", allow_private=True, webhook_secret=SECRET,
                          token="t0ken")  # fmt: skip
     auth = {"Authorization": "Bearer t0ken"}
     try:
@@ -310,7 +276,7 @@ async def test_a_webhook_to_a_private_address_is_refused(
     tmp_path: Path, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hooks, url = receiver
-    client = await start(tmp_path / "data")
+    client = await service_client(tmp_path / "data")
     try:
         for bad in (url, "http://localhost:9/x", "ftp://example.com/", "nope", 7):
             response = await client.post("/api/v1/jobs", json={**SMALL, "webhook": bad})
@@ -340,7 +306,7 @@ async def test_a_webhook_to_a_private_address_is_refused(
 
 
 async def test_ten_wrong_tokens_a_minute_and_the_login_answers_429(tmp_path: Path) -> None:
-    client = await start(tmp_path / "data", token="t0ken")
+    client = await service_client(tmp_path / "data", token="t0ken")
     try:
         for _ in range(10):
             wrong = await client.post("/api/v1/login", json={"token": "guess"})

@@ -151,18 +151,14 @@ async def change_job(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/jobs/{id}/pause")
 async def pause_job(request: web.Request) -> web.Response:
-    row = job_row(request)
-    if not request.app[RUNNER].pause(row):
-        raise ApiError(409, f"job {row.id} is {row.state}; only a queued or running job pauses")
-    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+    refused = "{id} is {state}; only a queued or running job pauses"
+    return _change(request, request.app[RUNNER].pause, refused)
 
 
 @routes.post("/api/v1/jobs/{id}/resume")
 async def resume_job(request: web.Request) -> web.Response:
-    row = job_row(request)
-    if not request.app[RUNNER].resume(row):
-        raise ApiError(409, f"job {row.id} is {row.state}; only a paused job resumes")
-    return json_text(job_view(request, request.app[STORE].get(row.id) or row), 202)
+    refused = "{id} is {state}; only a paused job resumes"
+    return _change(request, request.app[RUNNER].resume, refused)
 
 
 @routes.get("/api/v1/jobs/{id}/manifest")
