@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import invoke, unavailable
+from helpers import invoke, unavailable
 
 from downloader.cli import main
 from downloader.timeline import Laps, Span, busy_s, cpu_use, most_at_once
