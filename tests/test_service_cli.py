@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from helpers import child_env, download_command, wait_for
+from helpers import child_env, download_command, service_process, wait_for
 
 TOKEN = "cli-test-token"
 
@@ -16,27 +16,8 @@ TOKEN = "cli-test-token"
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("service") / "data"
-    log = data.with_name("service.log")
-    command = [*download_command(), "service", "--port", "0", "--data", str(data),
-               "--max-jobs", "1"]  # fmt: skip
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            command, stdout=fh, stderr=subprocess.STDOUT,
-            env=child_env(DOWNLOADER_SERVICE_TOKEN=TOKEN),
-        )  # fmt: skip
-    try:
-        found = wait_for(
-            lambda: (
-                re.search(r"serving on (http://127\.0\.0\.1:\d+)", log.read_text())
-                or proc.poll() is not None
-            ),
-            "the service to listen",
-        )
-        assert isinstance(found, re.Match), log.read_text()
-        yield found.group(1)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    with service_process(data, "--max-jobs", "1", token=TOKEN) as running:
+        yield running.url
 
 
 def download(url: str, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import child_env, download_command, wait_for
+from helpers import child_env, service_process
 
 from downloader.config import load_settings
 from downloader.service.app import make_app
@@ -60,33 +60,17 @@ def test_schemathesis_finds_every_answer_as_documented(tmp_path: Path) -> None:
     assert tool is not None, "schemathesis is in the test extra"
     config = tmp_path / "service.toml"
     config.write_text(CONFIG)
-    log = tmp_path / "service.log"
-    env = child_env(DOWNLOADER_SERVICE_TOKEN=TOKEN)
-    command = [*download_command(), "--config", str(config), "service", "--port", "0",
-               "--data", str(tmp_path / "data")]  # fmt: skip
-    with open(log, "wb") as fh:
-        service = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    try:
-        found = wait_for(
-            lambda: (
-                re.search(r"serving on http://127\.0\.0\.1:(\d+)", log.read_text())
-                or service.poll() is not None
-            ),
-            "the service to listen",
-        )
-        assert service.poll() is None, log.read_text()
-        assert isinstance(found, re.Match)
+    before = ("--config", str(config))
+    with service_process(tmp_path / "data", token=TOKEN, before=before) as service:
         run = subprocess.run(
-            [tool, "run", f"http://127.0.0.1:{found.group(1)}/api/v1/openapi.json",
+            [tool, "run", f"{service.url}/api/v1/openapi.json",
              "--header", f"Authorization: Bearer {TOKEN}", "--checks", CHECKS,
              "--max-examples", "8", "--seed", "22", "--no-shrink", "--workers", "1",
              "--request-timeout", "20", "--exclude-path-regex", "/events$"],
             capture_output=True, text=True, timeout=300, env=child_env(NO_COLOR="1"),
             cwd=tmp_path,  # its cache goes there, not into the checkout
         )  # fmt: skip
-    finally:
-        service.terminate()
-        service.wait(60)
+        log = service.log
     summary = run.stdout[run.stdout.find("SUMMARY") :]
     assert run.returncode == 0, run.stdout[-6000:]
     assert re.search(r"(\d+) generated, \1 passed", summary), summary

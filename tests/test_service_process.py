@@ -8,20 +8,18 @@ import hashlib
 import hmac
 import http.server
 import json
-import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import requests
-from helpers import child_env, download_command, records, wait_for
+from helpers import child_env, download_command, records, service_process, wait_for
 
 TOKEN = "process-test-token"
 SLOW = {"local": True, "thumbnails": {"size": 32}, "http": {"concurrency": 2},
@@ -61,24 +59,8 @@ class Service:
 
 @contextlib.contextmanager
 def service(data: Path, *args: str, token: str | None = None) -> Iterator[Service]:
-    log = data.with_name(data.name + f"-{time.monotonic_ns()}.log")
-    env = child_env(**({"DOWNLOADER_SERVICE_TOKEN": token} if token else {}))
-    command = [*download_command(), "service", "--port", "0", "--data", str(data), *args]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    try:
-        port = wait_for(lambda: _port(log) or proc.poll() is not None, "the service to listen")
-        assert proc.poll() is None, log.read_text()
-        yield Service(proc, f"http://127.0.0.1:{port}", log, data, token)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
-def _port(log: Path) -> int | None:
-    found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", log.read_text())
-    return int(found.group(1)) if found else None
+    with service_process(data, *args, token=token) as running:
+        yield Service(running.proc, running.url, running.log, data, token)
 
 
 def job_pid(data: Path, job_id: str) -> int:

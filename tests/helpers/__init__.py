@@ -26,6 +26,7 @@ from .disk import (
     visible_files,
 )
 from .processes import (
+    ServiceProcess,
     UnderWay,
     alive,
     child_env,
@@ -36,6 +37,7 @@ from .processes import (
     invoke,
     launched,
     run_cli,
+    service_process,
     tree_after_lines,
     under_way,
 )
@@ -64,6 +66,7 @@ __all__ = [
     "FakeAsyncSleep",
     "FakeSleep",
     "ImageServer",
+    "ServiceProcess",
     "UnderWay",
     "add_hostile_routes",
     "alive",
@@ -89,6 +92,7 @@ __all__ = [
     "records",
     "run_cli",
     "server_stats",
+    "service_process",
     "settled_lines",
     "tree_after_lines",
     "unavailable",

@@ -4,9 +4,11 @@ environment, and the process trees a run leaves behind (pool workers, the forkse
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -166,3 +168,38 @@ def under_way(
         args = cli_args(backend, server.base_url, out, count, concurrency)
         with launched(args, cwd) as proc:
             yield UnderWay(server, out, args, proc, tree_after_lines(out, lines, proc))
+
+
+@dataclass
+class ServiceProcess:
+    proc: subprocess.Popen[bytes]
+    url: str  # http://127.0.0.1:PORT
+    log: Path
+
+
+@contextmanager
+def service_process(
+    data: Path, *args: str, token: str | None = None, before: tuple[str, ...] = ()
+) -> Iterator[ServiceProcess]:
+    """``download [BEFORE] service --port 0 --data DATA [ARGS]`` in a child process, its
+    output in a log beside DATA, yielded once it listens; killed at the end."""
+    log = data.with_name(f"{data.name}-{time.monotonic_ns()}.log")  # one per start
+    env = child_env(**({"DOWNLOADER_SERVICE_TOKEN": token} if token else {}))
+    command = [*download_command(), *before, "service", "--port", "0", "--data", str(data)]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*command, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        found = wait_for(
+            lambda: _serving(log) or proc.poll() is not None, "the service to listen"
+        )
+        assert proc.poll() is None and isinstance(found, str), log.read_text()
+        yield ServiceProcess(proc, found, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _serving(log: Path) -> str | None:
+    found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", log.read_text())
+    return found.group(1) if found else None
