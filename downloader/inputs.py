@@ -76,6 +76,9 @@ def read_rows(path: str, fmt: str, columns: Columns) -> Rows:
     fh = _open_text(path)
     try:
         return Rows(path, _text_rows(fh, path, fmt, columns), fh)
+    except (OSError, EOFError) as exc:  # a file named .gz that is not gzip, ...
+        fh.close()
+        raise ConfigError(f"cannot read URL list {path}: {exc}") from None
     except BaseException:
         if fh is not sys.stdin:
             fh.close()
@@ -126,9 +129,9 @@ def _text_rows(fh: IO[str], name: str, fmt: str, columns: Columns) -> Iterator[R
         delimiter = "\t" if fmt == "tsv" or "\t" in first else ","
         return _table_rows(fh, first, name, delimiter, columns)
     if fmt == "jsonl":
-        return _jsonl_rows(fh, columns)
+        return _object_rows(_jsonl_objects(fh), name, columns)
     if fmt == "json":
-        return _json_rows(fh, name, columns)
+        return _object_rows(_array_items(fh, name), name, columns)
     first = fh.readline()
     header = first.strip()
     delimiter = "\t" if "\t" in header else ","
@@ -184,50 +187,73 @@ def _table_values(
 
 
 def _row(values: dict[str, Any], columns: Columns) -> Row:
-    """A Row from one record's values (missing keys: None; a non-text URL: a failed job)."""
+    """A Row from one record's values (missing keys: None; no URL: a failed job). The
+    additional columns keep their types where JSON has them; other values (a parquet
+    timestamp, decimal, bytes) become text, so every manifest line and shard can hold them."""
     url = values.get(columns.url)
     caption = values.get(columns.caption) if columns.caption else None
     return Row(
-        url.strip() if isinstance(url, str) else "",
+        "" if url is None else str(url).strip(),
         None if caption is None else str(caption),
-        {name: values.get(name) for name in columns.additional},
+        {name: _json_safe(values.get(name)) for name in columns.additional},
     )
 
 
-def _object_row(record: Any, columns: Columns) -> Row:
-    if not isinstance(record, dict):
-        return Row("")
-    return _row(record, columns)
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    isoformat = getattr(value, "isoformat", None)  # datetime, date, time
+    return isoformat() if callable(isoformat) else str(value)
 
 
-def _jsonl_rows(fh: IO[str], columns: Columns) -> Iterator[Row]:
-    """One object a line (blank lines skipped); a line that is not one is a failed job."""
+_END = object()  # no object at all (an empty file)
+
+
+def _jsonl_objects(fh: IO[str]) -> Iterator[Any]:
+    """One object a line (blank lines skipped); a line that does not parse is None (a
+    failed job, keeping its index)."""
     for line in fh:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield json.loads(line)
         except ValueError:
-            yield Row("")
-            continue
-        yield _object_row(record, columns)
+            yield None
 
 
-def _json_rows(fh: IO[str], name: str, columns: Columns) -> Iterator[Row]:
-    """A JSON array of objects, decoded one object at a time (never loaded whole)."""
-    objects = _array_items(fh, name)
-    first = next(objects, None)
+def _object_rows(objects: Iterator[Any], name: str, columns: Columns) -> Iterator[Row]:
+    """Rows of JSON objects. The first one's keys are checked for the columns now (not on
+    first use), and name them for every row, case-insensitively as in a CSV header."""
+    first = next(objects, _END)
+    if first is _END:
+        return iter(())
+    keys: dict[str, str] = {}
     if isinstance(first, dict):
         _missing(name, list(first), columns)
-    return _chain_objects(first, objects, columns)
+        by_lower = {str(k).lower(): str(k) for k in first}
+        keys = {wanted: by_lower[wanted.lower()] for wanted in columns.wanted()}
+    return _named_rows(first, objects, keys, columns)
 
 
-def _chain_objects(first: Any, rest: Iterator[Any], columns: Columns) -> Iterator[Row]:
-    if first is None:
-        return
-    yield _object_row(first, columns)
-    for record in rest:
-        yield _object_row(record, columns)
+def _named_rows(
+    first: Any, rest: Iterator[Any], keys: dict[str, str], columns: Columns
+) -> Iterator[Row]:
+    for record in _chain_any(first, rest):
+        if not isinstance(record, dict):
+            yield Row("")
+            continue
+        yield _row({w: record.get(keys.get(w, w)) for w in columns.wanted()}, columns)
+
+
+def _chain_any(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
 
 
 def _array_items(fh: IO[str], name: str, chunk: int = 1 << 16) -> Iterator[Any]:

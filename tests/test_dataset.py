@@ -498,3 +498,44 @@ async def test_a_service_job_builds_shards_and_serves_them(tmp_path: Path) -> No
             assert any(name.endswith(".jpg") for name in tar.getnames())
         thumb = await client.get(f"/files/{job['id']}/{first['thumbnail']}")  # the gallery's
         assert thumb.status == 200 and (await thumb.read()).startswith(b"\xff\xd8")
+
+
+def test_typed_columns_every_format_can_hold_reach_the_manifest(site: Site, tmp_path: Path) -> None:
+    import datetime
+    import decimal
+
+    rows = [
+        {"url": site.url("img", 60), "when": datetime.datetime(2026, 1, 2, 3, 4, 5),
+         "price": decimal.Decimal("1.50"), "blob": b"\x00\xff", "n": 7},
+    ]  # fmt: skip
+    urls = write_parquet(tmp_path / "typed.parquet", rows)
+    settings = make_settings("threads", tmp_path / "out", "http://unused/{i}", 1).replace(
+        urls=str(urls), dataset=DatasetSettings(save_additional_columns="when,price,blob,n")
+    )
+    assert run(settings).ok == 1
+    (line,) = records(tmp_path / "out")
+    assert line["columns"] == {
+        "when": "2026-01-02T03:04:05", "price": "1.50", "blob": "00ff", "n": 7,
+    }  # fmt: skip
+
+
+def test_json_keys_match_columns_as_a_csv_header_does(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"URL": "http://h/1.jpg", "Text": "one"}]))
+    (tmp_path / "a.jsonl").write_text(
+        '{"URL": "http://h/2.jpg"}\nnot json\n{"URL": "http://h/3.jpg"}\n'
+    )
+    got = list(read_rows(str(tmp_path / "a.json"), "json", Columns("url", "text")))
+    assert [(r.url, r.caption) for r in got] == [("http://h/1.jpg", "one")]
+    lines = list(read_rows(str(tmp_path / "a.jsonl"), "jsonl", Columns("url")))
+    assert [r.url for r in lines] == ["http://h/2.jpg", "", "http://h/3.jpg"]
+    with pytest.raises(ConfigError, match=r"no 'link' column .*\(columns: URL\)"):
+        read_rows(str(tmp_path / "a.jsonl"), "jsonl", Columns("link"))
+
+
+def test_a_file_named_gz_that_is_not_gzip_is_one_line(tmp_path: Path) -> None:
+    fake = tmp_path / "urls.csv.gz"
+    fake.write_text("url\nhttp://h/1.jpg\n")
+    result = invoke("--urls", str(fake), "--out", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: cannot read URL list {fake}: ") and "gzip" in line.lower()
