@@ -320,6 +320,22 @@ async def test_ten_wrong_tokens_a_minute_and_the_login_answers_429(tmp_path: Pat
         await client.close()
 
 
+async def test_wrong_bearer_tokens_count_against_the_limit_too(tmp_path: Path) -> None:
+    client = await service_client(tmp_path / "data", token="t0ken")
+    try:
+        for _ in range(3):  # a page not logged in sends no token: not a guess
+            assert (await client.get("/api/v1/jobs")).status == 401
+        for _ in range(10):
+            guess = await client.get("/api/v1/jobs", headers={"Authorization": "Bearer guess"})
+            assert guess.status == 401
+        right = {"Authorization": "Bearer t0ken"}
+        limited = await client.get("/api/v1/jobs", headers=right)
+        assert limited.status == 429 and 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert (await client.post("/api/v1/login", json={"token": "t0ken"})).status == 429
+    finally:
+        await client.close()
+
+
 def test_the_login_limit_forgets_after_a_minute() -> None:
     from downloader.service.logins import LoginLimit
 

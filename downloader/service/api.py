@@ -18,7 +18,7 @@ from ..storage import MANIFEST, is_component, is_thumbnail_path
 from .keys import FEEDS, LOGINS, RUNNER, SETTINGS, STORE
 from .spec import JobSpec, check_priority, parse_body, split_extras, with_block_private
 from .store import STATES, JobRow
-from .views import ApiError, job_row, job_view, json_text
+from .views import ApiError, job_row, job_view, json_text, refuse_a_guesser
 from .webhooks import check_url
 
 COOKIE = "downloader_token"
@@ -42,13 +42,10 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(given, str):
         raise ApiError(400, 'the body must be {"token": "..."}')
     token = request.app[SETTINGS].service.token
-    limit, address = request.app[LOGINS], request.remote or ""
-    if token and (wait := limit.retry_after(address)) is not None:
-        raise ApiError(
-            429, f"too many wrong tokens; try again in {wait} s", **{"Retry-After": str(wait)}
-        )
+    if token:
+        refuse_a_guesser(request)
     if token and not hmac.compare_digest(given.encode(), token.encode()):
-        limit.wrong(address)
+        request.app[LOGINS].wrong(request.remote or "")
         raise ApiError(401, "wrong token")
     response = web.Response(status=204)
     if token:

@@ -26,7 +26,7 @@ from .logins import LoginLimit
 from .runner import Runner
 from .store import Store
 from .tally import tally
-from .views import ApiError
+from .views import ApiError, refuse_a_guesser
 from .webhooks import Webhooks
 
 MAX_BODY = 1024 * 1024
@@ -72,8 +72,13 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     site's page could otherwise post jobs)."""
     service = request.app[SETTINGS].service
     guarded = request.path.startswith(GUARDED) and request.path not in OPEN_PATHS
-    if service.token and guarded and not _has_token(request, service.token):
-        raise ApiError(401, "missing or wrong token")
+    if service.token and guarded:
+        refuse_a_guesser(request)
+        given = _given_token(request)
+        if not hmac.compare_digest(given.encode(), service.token.encode()):
+            if given:  # a guess (a page not yet logged in sends none): it counts
+                request.app[LOGINS].wrong(request.remote or "")
+            raise ApiError(401, "missing or wrong token")
     if not service.token and guarded:
         _check_same_origin(request, service.host)
     return await handler(request)
@@ -88,10 +93,9 @@ def _check_same_origin(request: web.Request, host: str) -> None:
         raise ApiError(403, f"requests from the page of {origin} are not accepted")
 
 
-def _has_token(request: web.Request, token: str) -> bool:
+def _given_token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
-    given = header[7:] if header[:7].lower() == "bearer " else request.cookies.get(api.COOKIE, "")
-    return hmac.compare_digest(given.encode(), token.encode())
+    return header[7:] if header[:7].lower() == "bearer " else request.cookies.get(api.COOKIE, "")
 
 
 def make_app(settings: Settings) -> web.Application:

@@ -8,7 +8,7 @@ import re
 
 from aiohttp import web
 
-from .keys import RUNNER, STORE
+from .keys import LOGINS, RUNNER, STORE
 from .store import JobRow
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -54,3 +54,13 @@ def job_row(request: web.Request) -> JobRow:
     if row is None:
         raise ApiError(404, f"no job {job_id!r}")
     return row
+
+
+def refuse_a_guesser(request: web.Request) -> None:
+    """429 for an address that gave ``logins.MAX_WRONG`` wrong tokens within the window,
+    whether over the login or as a bearer token: the limit must hold on every door."""
+    wait = request.app[LOGINS].retry_after(request.remote or "")
+    if wait is not None:
+        raise ApiError(
+            429, f"too many wrong tokens; try again in {wait} s", **{"Retry-After": str(wait)}
+        )
