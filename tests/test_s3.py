@@ -338,6 +338,47 @@ def test_a_store_that_cannot_be_written_is_one_line_before_any_fetch(
     assert not state.exists(), "the state folder is not even made"
 
 
+class Sabotage:
+    """An observer that puts a file where the store's folder is once ``after`` results
+    are recorded (the first shard committed), and can put the folder back."""
+
+    def __init__(self, target: Path, after: int) -> None:
+        self.target, self.after, self.seen = target, after, 0
+
+    def start(self, to_run: int | None, kept: int) -> None:
+        pass
+
+    def result(self, result: object) -> None:
+        self.seen += 1
+        if self.seen == self.after:
+            self.target.rename(self.target.with_name("moved"))
+            self.target.write_text("not a folder")
+
+    def restore(self) -> None:
+        self.target.unlink()
+        self.target.with_name("moved").rename(self.target)
+
+
+def test_a_store_that_fails_mid_run_stops_it_and_resume_completes_it(tmp_path: Path) -> None:
+    target, state = tmp_path / "store", tmp_path / "state"
+    with server_thread(make_app(ServerSettings(seed=10))) as server:
+        settings = shard_settings("asyncio", server.base_url, f"file://{target}", state, 30)
+        sabotage = Sabotage(target, after=10)
+        stopped = run(settings, observer=sabotage)
+        assert stopped.fault is not None and stopped.interrupted
+        assert stopped.fault.cause.startswith(f"cannot write file://{target}/00001"), stopped.fault
+        assert (
+            stopped.fault.then("x")
+            == f"{stopped.fault.cause}: make the store reachable and writable, then x"
+        )
+        sabotage.restore()
+        resumed = run(settings.replace(resume=True))
+    assert (resumed.skipped, resumed.ok, resumed.failed) == (10, 20, 0)
+    assert [tar_keys((target / f"{k:05d}.tar").read_bytes()) for k in range(3)] == [
+        set(range(10 * k, 10 * k + 10)) for k in range(3)
+    ]
+
+
 def test_credentials_reach_no_message_no_manifest_no_object(
     s3: s3fs.S3FileSystem, bucket: str, endpoint: str, tmp_path: Path
 ) -> None:
