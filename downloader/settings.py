@@ -229,7 +229,7 @@ class DaskSettings(Checked):
     scheduler: str = setting(
         "",
         "dask backend: scheduler address, tcp://HOST:8786. "
-        "OUT must be on a file system every worker can write.",
+        "OUT must be on a file system every worker can write, or a URL (s3://...).",
         flag="--scheduler",
         metavar="URL",
         default_text="a LocalCluster",
