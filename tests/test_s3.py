@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import webdataset as wds
-from conftest import (
+from helpers import (
     by_index,
     child_env,
     cli_args,
