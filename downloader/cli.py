@@ -74,7 +74,7 @@ def _option(item: Declared, prefix: str) -> Callable[[F], F]:
     kind: Any = str
     if meta.parse is None and item.kind in (int, float):
         kind = item.kind
-    elif item.kind is Path:
+    elif item.kind is Path and meta.parse is None:
         kind = click.Path(path_type=Path)
     return click.option(*names, dest, type=kind, metavar=meta.metavar, default=None, help=help_text)
 

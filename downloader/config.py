@@ -87,7 +87,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         if isinstance(value, str):
             return value
     elif kind is Path and isinstance(value, (str, os.PathLike)):
-        return Path(value)
+        return _path(value)
     raise ConfigError(f"{where} must be {kind_name(kind)}, got {value!r}")
 
 
@@ -102,10 +102,18 @@ def _parse_text(kind: type[Any], text: str, where: str) -> Any:
                 return False
             raise ValueError(text)
         if kind is Path:
-            return Path(text)
+            return _path(text)
         return kind(text)
     except ValueError:
         raise ConfigError(f"{where} must be {kind_name(kind)}, got {text!r}") from None
+
+
+def _path(value: str | os.PathLike[str]) -> Path | str:
+    """A path, or a URL kept as text (``Path`` would fold ``s3://b`` into ``s3:/b``): the
+    settings tell a URL --out from a folder."""
+    from .stores import is_url
+
+    return value.strip() if isinstance(value, str) and is_url(value) else Path(value)
 
 
 def build(values: Mapping[str, Any]) -> Settings:

@@ -9,6 +9,16 @@ different files under one name (one opened the old file just before it went away
 The lock file is held open read-only where it can be, so that it never keeps a file system
 from being remounted read-only. On NFS (dask's shared OUT) Linux carries ``flock`` out as
 a POSIX write lock, which needs a descriptor open for writing: there it is held read-write.
+
+A URL OUT (``stores.FsspecStore``) has no flock: its lock is an object,
+``PREFIX/.downloader.lock``, created with a conditional PUT (``If-None-Match: *``: of two
+runs, one gets it) and naming its run's host, pid and local state folder; the run removes
+it when it ends. After ``kill -9`` it stays: a run on the same host takes it over when no
+process holds the flock of the state folder it names (the run that left it is gone), with
+``If-Match`` on its ETag, so that two runs cannot both take it over. One left by another
+host is refused, naming the object to delete once that run is known to be gone. Stores
+without conditional writes (all but S3) check, then write: one run per OUT is the rule
+there too, but two runs started in the same instant are not told apart.
 """
 
 from __future__ import annotations
@@ -16,14 +26,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
+import socket
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from .errors import OutputInUseError, StorageError
 
+if TYPE_CHECKING:
+    from .stores import FsspecStore
+
 LOCK = ".downloader.lock"
+LOCK_OBJECT = LOCK  # a URL OUT's, under the same name
 _PID_WAIT_S = 0.2  # a run that has just locked writes its pid right after: wait that long
 
 
@@ -129,3 +146,83 @@ def _read_pid(fd: int) -> int | None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------- a URL OUT
+
+
+class RemoteLock:
+    """One run per URL OUT: the lock object (see the module's docstring)."""
+
+    def __init__(self, store: FsspecStore, state: Path) -> None:
+        self.store, self.state = store, state.resolve()
+        self.body = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "state": str(self.state)}
+        ).encode()
+
+    def __enter__(self) -> RemoteLock:
+        store = self.store
+        try:
+            try:
+                store.create(LOCK_OBJECT, self.body)
+                return self
+            except FileExistsError:
+                pass
+            held, tag = store.tagged(LOCK_OBJECT)
+        except Exception as exc:  # each store library raises its own kinds
+            raise StorageError(store.why(exc, f"cannot lock {store.where}")) from None
+        owner = _owner(held)
+        if held is not None and not self._stale(owner):
+            raise RemoteInUseError(store.where, owner.get("pid"), owner.get("host", "?"))
+        try:
+            store.replace(LOCK_OBJECT, self.body, tag)
+        except Exception as exc:
+            now = self._current()
+            if now == self.body:
+                return self
+            if now is not None and now != held:  # another run took it over first
+                taker = _owner(now)
+                who = taker.get("pid"), taker.get("host", "?")
+                raise RemoteInUseError(store.where, *who) from None
+            raise StorageError(store.why(exc, f"cannot lock {store.where}")) from None
+        return self
+
+    def _current(self) -> bytes | None:
+        with contextlib.suppress(Exception):
+            return self.store.tagged(LOCK_OBJECT)[0]
+        return None
+
+    def _stale(self, owner: dict[str, Any]) -> bool:
+        """Whether the run that left the lock is gone: it ran on this host, and no process
+        holds the flock of its state folder (ours: we hold it, so it is not that run's)."""
+        if owner.get("host") != socket.gethostname() or not owner.get("state"):
+            return False
+        state = Path(str(owner["state"]))
+        return state == self.state or holder(state) is None
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.remove(LOCK_OBJECT)
+
+
+def _owner(data: bytes | None) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        held = json.loads(data or b"")
+        if isinstance(held, dict):
+            return held
+    return {}
+
+
+class RemoteInUseError(OutputInUseError):
+    """Another run holds a URL OUT's lock object."""
+
+    def __init__(self, out: object, pid: int | None = None, host: str = "?") -> None:
+        super().__init__(out, pid)
+        self.host = host
+        who = f"pid {pid} on {host}" if pid else f"on {host}"
+        self.args = (
+            f"{out} is in use by another download ({who}); if that run is gone, "
+            f"delete {out}/{LOCK_OBJECT}",
+        )
+
+    def __reduce__(self) -> tuple[type[RemoteInUseError], tuple[str, int | None, str]]:  # type: ignore[override]
+        return (type(self), (self.out, self.pid, self.host))

@@ -14,7 +14,8 @@ from typing import Any, NoReturn
 
 from .errors import StorageError, StorageFault, StorageFaultError
 from .result import Result
-from .shards import shard_keys
+from .shardreader import committed_keys
+from .shards import line_of
 from .storage import (
     MANIFEST,
     is_component,
@@ -23,6 +24,7 @@ from .storage import (
     storage_fault,
     temp_path,
 )
+from .stores import LocalStore, Store
 
 
 def read_manifest(out: Path) -> dict[int, Result]:
@@ -77,11 +79,12 @@ def still_valid(out: Path, result: Result) -> bool:
     return result.thumbnail is None or (out / result.thumbnail).is_file()
 
 
-def intact_check(out: Path) -> Callable[[Result], bool]:
+def intact_check(out: Path, store: Store | None = None) -> Callable[[Result], bool]:
     """``still_valid`` for a run's records, shard records included: an ok sample is
     intact when its shard is committed and holds its key (a shard is written whole, so
-    its members are; each shard is read once)."""
-    keys = functools.cache(lambda name: shard_keys(out / name))
+    its members are; each shard is looked at once). ``store``: where the shards are, when
+    not in ``out`` (a URL OUT)."""
+    keys = functools.cache(functools.partial(committed_keys, store or LocalStore(out)))
 
     def intact(result: Result) -> bool:
         if result.key is None:
@@ -91,6 +94,22 @@ def intact_check(out: Path) -> Callable[[Result], bool]:
         return result.thumbnail is None or (out / result.thumbnail).is_file()
 
     return intact
+
+
+def store_records(store: Store) -> dict[int, Result]:
+    """The records a URL store keeps: the lines of each committed shard's ``NNNNN.jsonl``
+    (for a run whose local manifest is gone, or was kept on another machine)."""
+    names = store.names()
+    records: dict[int, Result] = {}
+    for name in sorted(names):
+        stem, _, suffix = name.partition(".")
+        if suffix != "jsonl" or not {f"{stem}.tar", f"{stem}.parquet"} & names:
+            continue
+        for line in (store.read_bytes(name) or b"").decode("utf-8", "replace").splitlines():
+            result = parse_line(line)
+            if result is not None and result.path in names:
+                records[result.index] = result
+    return records
 
 
 class ManifestWriter:
@@ -124,10 +143,10 @@ class ManifestWriter:
         self._closed = False
         try:
             with open(self._tmp, "wb") as fh:
-                fh.writelines(_line(result) for result in keep)
+                fh.writelines(line_of(result) for result in keep)
                 for result in stale:
                     begin = fh.tell()
-                    fh.write(_line(result))
+                    fh.write(line_of(result))
                     self._stale[result.index] = (begin, fh.tell())
         except OSError as exc:
             self._tmp.unlink(missing_ok=True)
@@ -139,7 +158,7 @@ class ManifestWriter:
             if self._fault is not None:
                 raise StorageFaultError(self._fault)
             self._swap()
-            self._append(_line(result))
+            self._append(line_of(result))
         except StorageFaultError as exc:
             discard(self._out, result)
             raise StorageFaultError(exc.fault, lost=(result,)) from None
@@ -238,8 +257,3 @@ def discard(out: Path, result: Result) -> None:
         if name:
             with contextlib.suppress(OSError):
                 (out / name).unlink(missing_ok=True)
-
-
-def _line(result: Result) -> bytes:
-    text = json.dumps(result.to_record(), ensure_ascii=False, separators=(",", ":"))
-    return (text + "\n").encode("utf-8", "replace")

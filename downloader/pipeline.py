@@ -11,16 +11,17 @@ from collections.abc import Iterator
 
 from . import resume, unique
 from .backends import Backend, get_backend
-from .errors import StorageFaultError
+from .errors import StorageError, StorageFaultError
 from .jobs import JobSource, source_for, stream
 from .lock import OutputLock
-from .manifest import ManifestWriter, intact_check, read_manifest
+from .manifest import ManifestWriter, intact_check, read_manifest, store_records
 from .record import Observer, Recorder
 from .result import Report
 from .settings import Settings
 from .shards import ShardSet, shard_fault
 from .stop import StopToken, stopped_by_signals
 from .storage import prepare_out, sweep_temps
+from .stores import Store, StoreError, store_for
 
 
 @contextlib.contextmanager
@@ -51,16 +52,22 @@ def run(
         settings = settings.replace(http=dataclasses.replace(settings.http, block_private=False))
     backend = get_backend(settings.backend)
     source_for(settings)  # a bad template or URL list is a ConfigError before OUT is touched
-    with OutputLock(settings.out):  # one run per OUT: a second one stops here, OUT untouched
+    store = store_for(settings.out, settings.store)
+    if store.remote:
+        store.check()  # reachable and writable, before a worker starts or an image is fetched
+    # One run per OUT: a second one stops here, OUT untouched (a URL's state folder and
+    # the URL itself are both held).
+    with OutputLock(settings.out), store.lock(settings.out):
         prepare = getattr(backend, "prepare", None)
         if prepare is not None:
             prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
-        return _run_locked(backend, settings, observer, keep_results, stop)
+        return _run_locked(backend, settings, store, observer, keep_results, stop)
 
 
 def _run_locked(
     backend: Backend,
     settings: Settings,
+    store: Store,
     observer: Observer | None,
     keep_results: bool,
     stop: StopToken,
@@ -68,10 +75,10 @@ def _run_locked(
     prepare_out(settings.out)
     report = Report(backend.name)
     with stopped_by_signals(stop), _source(settings) as source:
-        plan = _plan(settings, source)
+        plan = _plan(settings, source, store)
         report.skipped = len(plan.kept)
         with ManifestWriter(settings.out, plan.lines, plan.stale.values()) as manifest:
-            shards = _shards(settings, backend, plan)
+            shards = _shards(settings, backend, plan, store)
             record = Recorder(manifest, report, observer, keep_results, stop, shards)
             usage = _Usage()
             if settings.unique:
@@ -89,15 +96,25 @@ def _run_locked(
     return report
 
 
-def _plan(settings: Settings, source: JobSource) -> resume.Plan:
+def _plan(settings: Settings, source: JobSource, store: Store) -> resume.Plan:
+    """What a --resume or --retry-failed run keeps. A URL OUT's records are its local
+    manifest's or, when there is none (the state folder lost, or on another machine),
+    the ``NNNNN.jsonl`` lines of its committed shards."""
     if not (settings.resume or settings.retry_failed):
         return resume.Plan()
-    return resume.plan(
-        settings, read_manifest(settings.out), source.urls_for, intact_check(settings.out)
-    )
+    try:
+        records = read_manifest(settings.out)
+        if store.remote and not records:
+            records = store_records(store)
+        intact = intact_check(settings.out, store)
+        return resume.plan(settings, records, source.urls_for, intact)
+    except StoreError as exc:  # the store went away since its check
+        raise StorageError(str(exc)) from None
 
 
-def _shards(settings: Settings, backend: Backend, plan: resume.Plan) -> ShardSet | None:
+def _shards(
+    settings: Settings, backend: Backend, plan: resume.Plan, store: Store
+) -> ShardSet | None:
     """The shard writers of a shard format, unless the backend's workers write their own
     shards (dask)."""
     dataset = settings.dataset
@@ -110,6 +127,7 @@ def _shards(settings: Settings, backend: Backend, plan: resume.Plan) -> ShardSet
         bool(dataset.caption_col),
         prior={**plan.carried, **plan.kept},
         total=None if settings.urls else settings.count,
+        store=store,
     )
 
 

@@ -56,6 +56,14 @@ def _columns(text: str) -> str:
     return ",".join(c.strip() for c in text.split(",") if c.strip())
 
 
+def _path_or_url(text: str) -> Path | str:
+    """``--out``: a folder, or a URL kept as text (``Path`` would fold ``s3://b`` into
+    ``s3:/b``)."""
+    from .stores import is_url
+
+    return text.strip() if is_url(text) else Path(text)
+
+
 def parse_rate(text: str) -> float:
     """``"10/s"`` or ``"10"`` -> 10.0 requests per second."""
     try:
@@ -221,7 +229,7 @@ class DaskSettings(Checked):
     scheduler: str = setting(
         "",
         "dask backend: scheduler address, tcp://HOST:8786. "
-        "OUT must be on a file system every worker can write.",
+        "OUT must be on a file system every worker can write, or a URL (s3://...).",
         flag="--scheduler",
         metavar="URL",
         default_text="a LocalCluster",
@@ -357,6 +365,16 @@ class ServiceSettings(Checked):
         600.0, "How long a webhook's delivery is retried after its job ends, in seconds.",
         positive=True, high=7 * 86400,
     )  # fmt: skip
+    out_urls: str = setting(
+        "",
+        "URL prefixes under which a job may name its own out (comma-separated, e.g. "
+        "s3://bucket/jobs); none: the service chooses where every job's files go.",
+        flag="--allow-out-urls",
+        metavar="URL,URL",
+        parse=_columns,
+        commands=_SERVICE,
+        default_text="none",
+    )
 
     def check(self) -> None:
         check(
@@ -377,7 +395,26 @@ class Settings(Checked):
         flag="--url",
         metavar="TEMPLATE",
     )
-    out: Path = setting(Path("pic"), "Output folder.", flag="--out")
+    out: Path = setting(
+        Path("pic"),
+        "Output folder, or a URL for webdataset/parquet shards (s3://BUCKET/PREFIX, any fsspec "
+        "URL; needs the s3 extra).",
+        flag="--out",
+        metavar="PATH|URL",
+        parse=_path_or_url,
+    )
+    state: str = setting(
+        "",
+        "With an --out URL: the local folder of the run's manifest, lock and temp files.",
+        flag="--state",
+        metavar="DIR",
+        default_text=".downloader-state/<the URL as a name>",
+    )
+    store: str = setting(
+        "",
+        "The URL the shards go to, set by an --out URL (out is then the local state folder).",
+        default_text="none",
+    )
     width: int = setting(320, "Image width asked of the server (--size WxH).", low=1)
     height: int = setting(240, "Image height asked of the server (--size WxH).", low=1)
     keywords: str = setting(
@@ -456,8 +493,18 @@ class Settings(Checked):
 
     def __post_init__(self) -> None:
         # The Python API builds Settings directly: a str path is fine, a str count is not.
-        if isinstance(self.out, str):
+        # An --out URL becomes ``store``, and ``out`` its local state folder: everything
+        # that reads the manifest or takes OUT's lock still reads a folder.
+        from .stores import check_url, is_url, state_folder
+
+        if is_url(self.out):
+            url = check_url(str(self.out))
+            object.__setattr__(self, "store", url)
+            object.__setattr__(self, "out", state_folder(url, self.state))
+        elif isinstance(self.out, str):
             object.__setattr__(self, "out", Path(self.out))
+        if is_url(self.store):
+            object.__setattr__(self, "store", check_url(self.store))
         super().__post_init__()
 
     def check(self) -> None:
@@ -470,6 +517,19 @@ class Settings(Checked):
             not (self.unique and self.dataset.shards),
             "--unique works with --output-format files only",
         )
+        if self.store:
+            from .stores import is_url
+
+            check(is_url(self.store), f"store must be a URL (s3://BUCKET/PREFIX): {self.store!r}")
+            check(
+                self.dataset.shards,
+                f"--out {self.store}: a URL takes the shard formats, --output-format "
+                "webdataset or parquet (files output needs a folder)",
+            )
+            check(
+                self.thumbnails.size == 0,
+                f"--out {self.store}: thumbnails are files in a folder; use --thumbnail-size 0",
+            )
         if self.name_template:
             from .storage import check_name_template
 

@@ -3,13 +3,16 @@ or not there at all.
 
 Shard k holds input rows k*S ... (k+1)*S-1 (S = ``--samples-per-shard``), as img2dataset
 assigns them, so every backend and every resumed run agrees where an image goes. A shard's
-samples are streamed, in the order they finish, to a hidden temp file (memory: only its
-metadata rows, a few hundred bytes each); when every row of its range has a result the
-shard commits: its ``NNNNN_stats.json`` and metadata ``NNNNN.parquet`` first, then the
-shard itself, each written to a temp name, fsynced and renamed. The shard's rename is the
-commit: a reader never sees a torn shard, and after ``kill -9`` every shard on disk is
-whole. A resumed run that adds to a committed shard rewrites it: the samples it keeps are
-copied from the old shard into the new one, which replaces it in one rename.
+samples are streamed, in the order they finish, to a hidden local temp file (memory: only
+its metadata rows, a few hundred bytes each); when every row of its range has a result the
+shard commits through its store (``stores.py``: a folder or a URL): its
+``NNNNN_stats.json`` and metadata ``NNNNN.parquet`` first, then the shard itself, each
+committed whole (a folder: fsync and rename; an object store: one upload). The shard's
+commit is the one that counts: a reader never sees a torn shard, and after ``kill -9``
+every shard in OUT is whole. In a URL store, ``NNNNN.jsonl`` follows: the manifest lines of
+the shard's rows, the record that it is committed (``shardreader.committed_keys``). A
+resumed run that adds to a committed shard rewrites it: the samples it keeps are copied
+from the old shard into the new one, which replaces it in one commit.
 """
 
 from __future__ import annotations
@@ -17,22 +20,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import StorageFault
 from .result import Result
-from .storage import storage_fault, temp_path
+from .shardreader import ROW_GROUP, jsonl_name, need_pyarrow, read_shard
+from .storage import storage_fault
+from .stores import LocalStore, Store, StoreError
 
 SHARD_FORMATS = ("webdataset", "parquet")
 KEY_DIGITS = 9
 _SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
-_ROW_GROUP = 256  # parquet rows per row group: bounded memory while committing
 
 
 def key_of(index: int) -> str:
@@ -42,6 +45,12 @@ def key_of(index: int) -> str:
 
 def shard_name(shard: int, fmt: str) -> str:
     return f"{shard:05d}{_SUFFIX[fmt]}"
+
+
+def line_of(result: Result) -> bytes:
+    """``result``'s manifest line (the manifest's, and a URL store's ``NNNNN.jsonl``)."""
+    text = json.dumps(result.to_record(), ensure_ascii=False, separators=(",", ":"))
+    return (text + "\n").encode("utf-8", "replace")
 
 
 def status_of(result: Result) -> str:
@@ -73,30 +82,10 @@ def metadata_row(result: Result, caption: bool) -> dict[str, Any]:
 def shard_fault(exc: OSError, out: Path) -> StorageFault:
     """A shard that cannot be written stops the run: the rows of its range are in no
     committed shard, so going on would only fetch what --resume fetches again."""
+    if isinstance(exc, StoreError):
+        return StorageFault(str(exc), "make the store reachable and writable")
     fault = storage_fault(exc, out)
     return fault or StorageFault(f"cannot write a shard in {out}: {exc.strerror or exc}", "fix it")
-
-
-def need_pyarrow() -> Any:
-    from .extras import need
-
-    need("pyarrow.parquet", "dataset", "webdataset and parquet output")
-    import pyarrow
-
-    return pyarrow
-
-
-def fsync_replace(tmp: Path, path: Path) -> None:
-    """``os.replace`` after the data is on disk, then the folder's entry too."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass
@@ -139,15 +128,19 @@ def _reason(message: Any) -> str:
 
 
 class ShardWriter:
-    """One open shard: samples streamed to a temp file, committed whole by ``commit``."""
+    """One open shard: samples streamed to a local temp file, committed whole by
+    ``commit`` through ``store``."""
 
-    def __init__(self, out: Path, shard: int, fmt: str, caption: bool) -> None:
-        self.path = out / shard_name(shard, fmt)
+    def __init__(self, store: Store, shard: int, fmt: str, caption: bool) -> None:
+        self.store = store
+        self.name = shard_name(shard, fmt)
         self.fmt = fmt
         self.caption = caption
         self.rows: list[dict[str, Any]] = []
         self.stats = _Stats()
-        self._tmp = temp_path(self.path)
+        # A URL store keeps the manifest lines of the shard's rows beside it.
+        self.lines: dict[int, bytes] | None = {} if store.remote else None
+        self._tmp = store.temp(self.name)
         # Both stay open until commit or abort, across many add() calls.
         self._spool: IO[bytes] = open(self._tmp, "wb")  # noqa: SIM115
         self._tar = (
@@ -161,6 +154,8 @@ class ShardWriter:
     def add(self, result: Result, data: bytes | None, ext: str = ".jpg") -> None:
         """Record one row; ``data`` is its image (None for a failed row)."""
         self.add_row(metadata_row(result, self.caption), data, ext)
+        if self.lines is not None:
+            self.lines[result.index] = line_of(result)
 
     def add_row(self, row: dict[str, Any], data: bytes | None, ext: str = ".jpg") -> None:
         """Record one metadata row, and its image when it has one."""
@@ -190,30 +185,53 @@ class ShardWriter:
 
     def seed(self, keep: Callable[[int], bool]) -> None:
         """Copy from the committed shard this one replaces the rows whose index ``keep``
-        says this run does not fetch again (their samples too)."""
-        if not self.path.is_file():
-            return
-        for row, data, ext in read_shard(self.path):
-            key = str(row.get("key", ""))
-            if key.isdigit() and keep(int(key)):
-                self.add_row(row, data, ext)
+        says this run does not fetch again (their samples too, and in a URL store their
+        manifest lines)."""
+        tar = self._tar is not None
+        meta = f"{self.name.split('.')[0]}.parquet"
+        with (
+            self.store.fetched(self.name) as shard,
+            self.store.fetched(meta) if tar else contextlib.nullcontext() as rows,
+        ):
+            if shard is None:
+                return
+            for row, data, ext in read_shard(shard, tar, rows):
+                key = str(row.get("key", ""))
+                if key.isdigit() and keep(int(key)):
+                    self.add_row(row, data, ext)
+        if self.lines is not None:
+            self.lines.update(_kept_lines(self.store.read_bytes(jsonl_name(self.name)), keep))
 
     def commit(self) -> None:
-        """Write the stats, the metadata and the shard, each whole; the shard last."""
-        out = self.path.parent
-        stem = self.path.name.split(".")[0]
-        _write_whole(out / f"{stem}_stats.json", self.stats.to_json())
+        """Commit the stats, the metadata and the shard, each whole; the shard last (then,
+        in a URL store, its manifest lines)."""
+        stem = self.name.split(".")[0]
+        self._put(f"{stem}_stats.json", self.stats.to_json())
         if self._tar is not None:
             self._tar.close()
             self._spool.close()
-            _write_parquet(out / f"{stem}.parquet", self.rows, None, None)
-            fsync_replace(self._tmp, self.path)
-            return
-        self._spool.close()
-        ext = self._ext.lstrip(".")
-        with open(self._tmp, "rb") as spool:
-            _write_parquet(self.path, self.rows, (ext, self._where), spool)
-        self._tmp.unlink(missing_ok=True)
+            meta = self.store.temp(f"{stem}.parquet")
+            _write_parquet(meta, self.rows, None, None)
+            self.store.commit(meta, f"{stem}.parquet")
+            self.store.commit(self._tmp, self.name)
+        else:
+            self._spool.close()
+            table = self.store.temp(self.name)
+            with open(self._tmp, "rb") as spool:
+                _write_parquet(table, self.rows, (self._ext.lstrip("."), self._where), spool)
+            self._tmp.unlink(missing_ok=True)
+            self.store.commit(table, self.name)
+        if self.lines is not None:
+            self._put(jsonl_name(self.name), b"".join(self.lines[i] for i in sorted(self.lines)))
+
+    def _put(self, name: str, data: bytes) -> None:
+        tmp = self.store.temp(name)
+        try:
+            tmp.write_bytes(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.store.commit(tmp, name)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
@@ -224,15 +242,15 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _kept_lines(text: bytes | None, keep: Callable[[int], bool]) -> dict[int, bytes]:
+    """The manifest lines of a committed ``NNNNN.jsonl`` whose index ``keep`` keeps."""
+    kept: dict[int, bytes] = {}
+    for line in (text or b"").splitlines():
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            index = json.loads(line).get("index")
+            if isinstance(index, int) and keep(index):
+                kept[index] = line + b"\n"
+    return kept
 
 
 def _write_parquet(
@@ -242,27 +260,26 @@ def _write_parquet(
     spool: IO[bytes] | None,
 ) -> None:
     """The metadata ``rows`` (and, for the parquet format, each row's image read back
-    from ``spool`` in a binary column named after its format) as one parquet file."""
+    from ``spool`` in a binary column named after its format) as one parquet file at the
+    temp path ``path`` (removed if it fails)."""
     pa = need_pyarrow()
     import pyarrow.parquet as pq
 
     schema = _schema(pa, rows)
     if images is not None:
         schema = schema.append(pa.field(images[0], pa.binary()))
-    tmp = temp_path(path)
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for start in range(0, max(len(rows), 1), _ROW_GROUP):
-                chunk = rows[start : start + _ROW_GROUP]
+        with pq.ParquetWriter(path, schema) as writer:
+            for start in range(0, max(len(rows), 1), ROW_GROUP):
+                chunk = rows[start : start + ROW_GROUP]
                 columns = {name: [r.get(name) for r in chunk] for name in schema.names}
                 if images is not None and spool is not None:
                     columns[images[0]] = [
-                        _read(spool, *at) for at in images[1][start : start + _ROW_GROUP]
+                        _read(spool, *at) for at in images[1][start : start + ROW_GROUP]
                     ]
                 writer.write_table(pa.table(columns, schema=schema))
-        fsync_replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
 
 
@@ -298,64 +315,6 @@ def _read(spool: IO[bytes], offset: int, length: int) -> bytes | None:
     return spool.read(length)
 
 
-# ---------------------------------------------------------------------------- reading back
-
-
-def read_shard(path: Path) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
-    """The rows of a committed shard: (metadata, image bytes or None, image extension)."""
-    if path.suffix == ".tar":
-        yield from _read_tar(path)
-        meta = path.with_suffix(".parquet")
-        if meta.is_file():  # the rows without a sample are only in the metadata
-            yield from (r for r in _read_parquet(meta) if r[0].get("status") != "success")
-        return
-    yield from _read_parquet(path)
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
-    need_pyarrow()
-    import pyarrow.parquet as pq
-
-    with pq.ParquetFile(path) as table:
-        image = next((n for n in ("jpg", "png", "webp") if n in table.schema_arrow.names), None)
-        for batch in table.iter_batches(batch_size=_ROW_GROUP):
-            for row in batch.to_pylist():
-                data = row.pop(image, None) if image else None
-                yield row, data, f".{image}"
-
-
-def _read_tar(path: Path) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
-    with tarfile.open(path) as tar:
-        pending: dict[str, tuple[bytes | None, str, dict[str, Any] | None]] = {}
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            blob = tar.extractfile(member)
-            data = blob.read() if blob is not None else b""
-            image, image_ext, meta = pending.get(key, (None, ".jpg", None))
-            if ext == "json":
-                meta = json.loads(data)
-            elif ext != "txt":
-                image, image_ext = data, f".{ext}"
-            if meta is not None and image is not None:
-                pending.pop(key, None)
-                yield meta, image, image_ext
-            else:
-                pending[key] = (image, image_ext, meta)
-
-
-def shard_keys(path: Path) -> frozenset[str]:
-    """The keys of the samples a committed shard holds (empty if it is not there)."""
-    if not path.is_file():
-        return frozenset()
-    try:
-        if path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                return frozenset(m.name.split(".", 1)[0] for m in tar if "." in m.name)
-        return frozenset(row["key"] for row, data, _ in read_shard(path) if data is not None)
-    except (OSError, tarfile.TarError, ValueError, KeyError):
-        return frozenset()  # unreadable: nothing in it is kept
-
-
 # ---------------------------------------------------------------------------- the set
 
 
@@ -377,15 +336,17 @@ class ShardSet:
         caption: bool,
         prior: Mapping[int, Result] | None = None,
         total: int | None = None,
+        store: Store | None = None,
     ) -> None:
         need_pyarrow()
         self.out, self.fmt, self.size, self.caption, self.total = out, fmt, size, caption, total
+        self.store = store or LocalStore(out)  # ``out``: OUT, or a URL OUT's state folder
         self._prior: dict[int, dict[int, Result]] = {}
         for index, record in (prior or {}).items():
             self._prior.setdefault(index // size, {})[index] = record
         self._open: dict[int, ShardWriter] = {}
         self._done: dict[int, int] = {}
-        self.committed: list[Path] = []
+        self.committed: list[str] = []
 
     def add(self, result: Result) -> None:
         """Put ``result`` in its shard (opened on first use); commit a full shard."""
@@ -406,7 +367,7 @@ class ShardSet:
         return max(0, last - first - prior)
 
     def _start(self, shard: int) -> ShardWriter:
-        writer = ShardWriter(self.out, shard, self.fmt, self.caption)
+        writer = ShardWriter(self.store, shard, self.fmt, self.caption)
         prior = self._prior.get(shard, {})
         try:
             if prior:
@@ -424,7 +385,7 @@ class ShardSet:
         except BaseException:
             writer.abort()
             raise
-        self.committed.append(writer.path)
+        self.committed.append(writer.name)
 
     def close(self, commit: bool = True) -> None:
         """Commit every open shard (a run that ended or was interrupted: a resumed run

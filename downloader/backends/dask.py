@@ -7,8 +7,11 @@ only the client writes the manifest, so it keeps exactly one line per index. Whe
 dies mid-shard Dask runs the shard again elsewhere; files already written are recognised by
 their content (``storage.write_files`` skips identical bytes) instead of written twice.
 
-OUT must be a folder every worker can write (a shared file system): each worker proves it
-before any work is sent.
+OUT must be a folder every worker can write (a shared file system), or, for the shard
+formats, a URL (``s3://bucket/prefix``): each worker then writes its shards straight to
+the store, through a temp file on its own disk, and nothing but the client's manifest
+needs a shared folder. Each worker proves it can write OUT before any work is sent. A
+worker that dies mid-shard has committed nothing of it: Dask runs the shard again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ from typing import Any
 from distributed import Client, LocalCluster, as_completed
 
 from ..children import cpu_count
-from ..errors import ClusterUnreachableError, StorageError
+from ..errors import ClusterUnreachableError, DownloaderError, StorageError
 from ..jobs import Job
 from ..placement import placement
 from ..result import Result
@@ -32,6 +37,7 @@ from ..settings import Settings
 from ..shards import ShardWriter, shard_fault
 from ..stop import StopToken
 from ..storage import check_writable
+from ..stores import store_for
 from .base import Emit
 from .pools import chunked
 
@@ -69,25 +75,40 @@ def write_shard(jobs: list[Job], results: list[Result], settings: Settings) -> l
     lean = [dataclasses.replace(r, sample=None) for r in results]
     if any(r.fault for r in results):
         return lean
-    writer = ShardWriter(settings.out, shard, dataset.output_format, bool(dataset.caption_col))
+    # A URL store's temp files go to this worker's own disk, removed with the task.
+    scratch = Path(tempfile.mkdtemp(prefix="downloader-shard-")) if settings.store else None
     try:
-        writer.seed(lambda index: index not in fetched)
-        for result in results:
-            sample = result.sample
-            writer.add(result, sample.data if sample else None, sample.ext if sample else ".jpg")
-        writer.commit()
+        store = store_for(settings.out, settings.store, scratch)
+        writer = ShardWriter(store, shard, dataset.output_format, bool(dataset.caption_col))
+        try:
+            writer.seed(lambda index: index not in fetched)
+            for result in results:
+                sample = result.sample
+                data, ext = (sample.data, sample.ext) if sample else (None, ".jpg")
+                writer.add(result, data, ext)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     except OSError as exc:
-        writer.abort()
         fault = shard_fault(exc, settings.out)
         return [dataclasses.replace(r, fault=fault) for r in lean]
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return lean
 
 
-def check_out(out: str) -> str | None:
-    """On a worker: why it cannot write OUT, or None."""
+def check_out(out: str, url: str = "") -> str | None:
+    """On a worker: why it cannot write OUT (the shared folder ``out``, or the store at
+    ``url``), or None."""
     try:
-        check_writable(Path(out))
-    except StorageError as exc:
+        if url:
+            with tempfile.TemporaryDirectory(prefix="downloader-check-") as scratch:
+                store_for(Path(out), url, Path(scratch)).check()
+        else:
+            check_writable(Path(out))
+    except DownloaderError as exc:
         return str(exc)
     return None
 
@@ -100,7 +121,7 @@ class DaskBackend:
         """A stop sends no more shards; the shards already on a worker finish (each request
         bounded by its deadline) and all their results are recorded."""
         with self._client(settings) as client:
-            self._check_workers(client, settings.out)
+            self._check_workers(client, settings)
             in_flight = 2 * max(1, sum(client.nthreads().values()))
             shards = _chunks(jobs, settings)
             pending = as_completed()
@@ -143,11 +164,14 @@ class DaskBackend:
             yield client
 
     @staticmethod
-    def _check_workers(client: Client, out: Path) -> None:
-        problems: dict[str, Any] = client.run(check_out, str(out.resolve()))
+    def _check_workers(client: Client, settings: Settings) -> None:
+        """Every worker can write OUT, or the run stops before any work is sent."""
+        out, url = str(settings.out.resolve()), settings.store
+        problems: dict[str, Any] = client.run(check_out, out, url)
         for worker, problem in sorted(problems.items()):
             if problem:
-                raise StorageError(f"Dask worker {worker}: {problem} (OUT must be shared)")
+                shared = "" if url else " (OUT must be shared)"
+                raise StorageError(f"Dask worker {worker}: {problem}{shared}")
 
 
 def _chunks(jobs: Iterable[Job], settings: Settings) -> Iterator[list[Job]]:

@@ -18,10 +18,12 @@ from typing import Any
 from ..config import build, coerce, flatten
 from ..errors import ConfigError
 from ..settings import Settings, known_keys
+from ..stores import check_url, is_url
 
 # Keys a client may not set: where files go, how a run restarts, and the service's own.
+# (``out`` may be a URL under one of ``service.out_urls``: see ``_out_url``.)
 SERVICE_KEYS = frozenset(
-    {"out", "resume", "retry_failed", "progress", "server.host", "server.port"}
+    {"out", "state", "store", "resume", "retry_failed", "progress", "server.host", "server.port"}
 )
 SERVICE_SECTIONS = ("dask.", "service.")
 # Refuses loopback/private/link-local addresses, checked on the address connected to.
@@ -113,12 +115,17 @@ def parse_body(body: Any, service: Settings) -> JobSpec:
     body = dict(body)
     urls = _urls(body.pop("urls", None))
     flat = flatten(body, ORIGIN)
+    out_url = _out_url(flat.pop("out", None), service)
     for key in flat:
         if key in SERVICE_KEYS or key == BLOCK_PRIVATE or key.startswith(SERVICE_SECTIONS):
             raise ConfigError(f"{key} is set by the service, not by a job")
     values = service_values(service)
     for key, value in flat.items():
         values[key] = coerce(key, value, ORIGIN)
+    if out_url is not None:
+        values["out"] = out_url  # the job's folder keeps its manifest (``job_settings``)
+        if "thumbnails.size" not in flat:
+            values["thumbnails.size"] = 0  # thumbnails are files: a URL OUT has none
     values.update(progress=False, resume=False, retry_failed=False)
     if urls is not None:
         values["urls"] = "urls.txt"  # placeholder: the child gets the real file
@@ -136,7 +143,10 @@ def parse_body(body: Any, service: Settings) -> JobSpec:
 def job_settings(values: dict[str, Any], out: Path, urls_file: Path | None) -> Settings:
     """The Settings a job runs with, from its saved values (the child process's door)."""
     coerced = {key: coerce(key, value, ORIGIN) for key, value in values.items()}
-    coerced["out"] = out
+    if is_url(coerced.get("out")):
+        coerced["state"] = str(out)  # the shards go to the URL, the manifest stays here
+    else:
+        coerced["out"] = out
     if urls_file is not None:
         coerced["urls"] = str(urls_file)
     return build(coerced)
@@ -148,6 +158,24 @@ def with_block_private(values: dict[str, Any], service: Settings) -> dict[str, A
     if service.service.allow_private or values.get("local"):
         return values
     return {**values, BLOCK_PRIVATE: True}
+
+
+def _out_url(value: Any, service: Settings) -> str | None:
+    """A job's own ``out``: a URL under one of the service's ``service.out_urls``
+    prefixes, or refused (without them, the service chooses where every job's files go)."""
+    if value is None:
+        return None
+    allowed = [prefix.rstrip("/") for prefix in service.service.out_urls.split(",") if prefix]
+    if not allowed or not is_url(value):
+        under = f" (a URL under {', '.join(allowed)} may be)" if allowed else ""
+        raise ConfigError(f"out is set by the service, not by a job{under}")
+    url = check_url(value)
+    if not any(url.startswith(f"{prefix}/") for prefix in allowed):
+        raise ConfigError(
+            f"out {url} is not under a URL this service allows: {', '.join(allowed)} "
+            "(service.out_urls)"
+        )
+    return url
 
 
 def _urls(value: Any) -> list[str] | None:
