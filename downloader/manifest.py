@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from .errors import StorageError, StorageFault, StorageFaultError
 from .result import Result
-from .shardreader import committed_keys
+from .shardreader import committed_digests
 from .shards import line_of
 from .storage import (
     MANIFEST,
@@ -81,15 +81,18 @@ def still_valid(out: Path, result: Result) -> bool:
 
 def intact_check(out: Path, store: Store | None = None) -> Callable[[Result], bool]:
     """``still_valid`` for a run's records, shard records included: an ok sample is
-    intact when its shard is committed and holds its key (a shard is written whole, so
-    its members are; each shard is looked at once). ``store``: where the shards are, when
-    not in ``out`` (a URL OUT)."""
-    keys = functools.cache(functools.partial(committed_keys, store or LocalStore(out)))
+    intact when its shard is committed and holds its key with the record's sha256 (a
+    shard is written whole, so its members are; the digest tells this run's image from
+    an older run's under the same key; each shard is looked at once). ``store``: where the
+    shards are, when not in ``out`` (a URL OUT)."""
+    digests = functools.cache(functools.partial(committed_digests, store or LocalStore(out)))
 
     def intact(result: Result) -> bool:
         if result.key is None:
             return still_valid(out, result)
-        if not result.ok or not result.path or result.key not in keys(result.path):
+        if not result.ok or not result.path or not result.sha256:
+            return False
+        if digests(result.path).get(result.key) != result.sha256:
             return False
         return result.thumbnail is None or (out / result.thumbnail).is_file()
 

@@ -71,36 +71,65 @@ def _read_tar(path: Path) -> Iterator[Row]:
                 pending[key] = (image, image_ext, meta)
 
 
-def shard_keys(path: Path | None, tar: bool) -> frozenset[str]:
-    """The keys of the samples a committed shard file holds (empty if it is not there)."""
+def shard_digests(path: Path | None, tar: bool) -> dict[str, str]:
+    """Key -> sha256 (of the downloaded bytes) of each sample a committed shard file holds,
+    from its own metadata (each member's ``.json``, or the parquet's columns); empty if it
+    is not there or cannot be read."""
     if path is None or not path.is_file():
-        return frozenset()
+        return {}
     try:
         if tar:
-            with tarfile.open(path) as tar_file:
-                return frozenset(m.name.split(".", 1)[0] for m in tar_file if "." in m.name)
-        return frozenset(row["key"] for row, data, _ in _read_parquet(path) if data is not None)
-    except (OSError, tarfile.TarError, ValueError, KeyError):
-        return frozenset()  # unreadable: nothing in it is kept
+            return _tar_digests(path)
+        need_pyarrow()
+        import pyarrow.parquet as pq
+
+        image = next(n for n in ("jpg", "png", "webp") if n in pq.read_schema(path).names)
+        table = pq.read_table(path, columns=["key", "sha256", image])
+        keys, digests = table.column("key").to_pylist(), table.column("sha256").to_pylist()
+        saved = table.column(image).is_valid().to_pylist()
+        return {k: d for k, d, ok in zip(keys, digests, saved, strict=True) if ok and d}
+    except (OSError, tarfile.TarError, ValueError, KeyError, StopIteration):
+        return {}  # unreadable: nothing in it is kept
 
 
-def committed_keys(store: Store, name: str) -> frozenset[str]:
-    """The keys of the samples shard ``name`` holds as committed. A folder's shard is
+def _tar_digests(path: Path) -> dict[str, str]:
+    digests: dict[str, str] = {}
+    images: set[str] = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext in ("txt", ""):
+                continue
+            if ext != "json":
+                images.add(key)
+                continue
+            blob = tar.extractfile(member)
+            meta = json.loads(blob.read()) if blob is not None else {}
+            if isinstance(meta, dict) and isinstance(meta.get("sha256"), str):
+                digests[key] = meta["sha256"]
+    return {k: d for k, d in digests.items() if k in images}
+
+
+def committed_digests(store: Store, name: str) -> dict[str, str]:
+    """Key -> sha256 of the samples shard ``name`` holds as committed. A folder's shard is
     read. A URL store's is not downloaded: its ``NNNNN.jsonl``, uploaded after the shard,
     records the commit, and the ok lines it names are what the shard holds (after a crash
     between the two uploads of a rewrite, it names the old shard's, which the new one
     holds too)."""
     if not store.remote:
         with store.fetched(name) as path:
-            return shard_keys(path, name.endswith(".tar"))
+            return shard_digests(path, name.endswith(".tar"))
     if not store.exists(name):
-        return frozenset()
-    keys = set()
+        return {}
+    digests: dict[str, str] = {}
     for line in (store.read_bytes(jsonl_name(name)) or b"").splitlines():
         try:
             record = json.loads(line)
-            if record.get("status") == "ok" and isinstance(record.get("key"), str):
-                keys.add(record["key"])
-        except (ValueError, AttributeError):
+        except ValueError:
             continue
-    return frozenset(keys)
+        if not isinstance(record, dict) or record.get("status") != "ok":
+            continue
+        key, digest = record.get("key"), record.get("sha256")
+        if isinstance(key, str) and isinstance(digest, str):
+            digests[key] = digest
+    return digests

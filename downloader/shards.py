@@ -10,7 +10,7 @@ shard commits through its store (``stores.py``: a folder or a URL): its
 committed whole (a folder: fsync and rename; an object store: one upload). The shard's
 commit is the one that counts: a reader never sees a torn shard, and after ``kill -9``
 every shard in OUT is whole. In a URL store, ``NNNNN.jsonl`` follows: the manifest lines of
-the shard's rows, the record that it is committed (``shardreader.committed_keys``). A
+the shard's rows, the record that it is committed (``shardreader.committed_digests``). A
 resumed run that adds to a committed shard rewrites it: the samples it keeps are copied
 from the old shard into the new one, which replaces it in one commit.
 """

@@ -539,3 +539,28 @@ def test_a_file_named_gz_that_is_not_gzip_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"error: cannot read URL list {fake}: ") and "gzip" in line.lower()
+
+
+def test_resume_does_not_keep_an_older_runs_sample_under_the_same_key(
+    site: Site, tmp_path: Path
+) -> None:
+    # The state a run killed before its first commit leaves: its manifest lines (ok, this
+    # run's URLs and digests) beside an older run's committed shard of the same keys.
+    def listing(name: str, first: int) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(site.url("img", first + i) + "\n" for i in range(5)))
+        return path
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shards = DatasetSettings(output_format="webdataset", samples_per_shard=5)
+    base = make_settings("threads", old, "http://unused/{i}", 1).replace(dataset=shards)
+    assert run(base.replace(urls=str(listing("a.txt", 100)))).ok == 5
+    b = listing("b.txt", 200)
+    assert run(base.replace(out=new, urls=str(b))).ok == 5
+    (old / "manifest.jsonl").write_bytes((new / "manifest.jsonl").read_bytes())
+
+    again = run(base.replace(urls=str(b), resume=True))
+    assert (again.ok, again.skipped) == (5, 0), "no image of the older shard is kept"
+    with tarfile.open(old / "00000.tar") as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert sorted(m["url"] for m in metas) == sorted(b.read_text().split())
