@@ -118,7 +118,11 @@ def _shards(
     """The shard writers of a shard format, unless the backend's workers write their own
     shards (dask)."""
     dataset = settings.dataset
-    if not dataset.shards or getattr(backend, "writes_shards", False):
+    if not dataset.shards:
+        return None
+    carry = getattr(backend, "carry", None)
+    if carry is not None:  # its workers write the shards: they carry these rows over
+        carry([*plan.carried, *plan.kept], dataset.samples_per_shard)
         return None
     return ShardSet(
         settings.out,

@@ -151,8 +151,10 @@ class ShardWriter:
         self._where: list[tuple[int, int]] = []  # parquet: (offset, length) in the spool
         self._ext = ".jpg"
 
-    def add(self, result: Result, data: bytes | None, ext: str = ".jpg") -> None:
-        """Record one row; ``data`` is its image (None for a failed row)."""
+    def add(self, result: Result) -> None:
+        """Record one row, with its sample when it has one (a failed row has none)."""
+        sample = result.sample
+        data, ext = (sample.data, sample.ext) if sample is not None else (None, ".jpg")
         self.add_row(metadata_row(result, self.caption), data, ext)
         if self.lines is not None:
             self.lines[result.index] = line_of(result)
@@ -352,8 +354,7 @@ class ShardSet:
         """Put ``result`` in its shard (opened on first use); commit a full shard."""
         shard = result.index // self.size
         writer = self._open.get(shard) or self._start(shard)
-        sample = result.sample
-        writer.add(result, sample.data if sample else None, sample.ext if sample else ".jpg")
+        writer.add(result)
         self._done[shard] = self._done.get(shard, 0) + 1
         if self._done[shard] >= self._expected(shard):
             self._commit(shard)

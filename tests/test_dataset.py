@@ -564,3 +564,20 @@ def test_resume_does_not_keep_an_older_runs_sample_under_the_same_key(
     with tarfile.open(old / "00000.tar") as tar:
         metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
     assert sorted(m["url"] for m in metas) == sorted(b.read_text().split())
+
+
+@pytest.mark.parametrize("backend", [b for b in ("threads", "dask") if b in CONTRACT_BACKENDS])
+def test_a_fresh_run_into_old_shards_carries_none_of_their_rows(
+    backend: str, site: Site, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shards = DatasetSettings(output_format="webdataset", samples_per_shard=10)
+    first = make_settings("threads", out, site.url("img", 0).replace("/0", "/{i}"), 10)
+    assert run(first.replace(dataset=shards)).ok == 10
+    again = make_settings(backend, out, site.url("img", 0).replace("/0", "/3{i}"), 5)
+    assert run(again.replace(dataset=shards)).ok == 5
+    with tarfile.open(out / "00000.tar") as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert sorted(m["key"] for m in metas) == [f"{i:09d}" for i in range(5)]
+    assert all("/img/3" in m["url"] for m in metas)
+    assert sorted(r["index"] for r in records(out)) == list(range(5))

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,59 +44,80 @@ from .pools import chunked
 CONNECT_TIMEOUT_S = 10.0  # how long to keep trying a scheduler that does not answer
 
 
-def run_shard(jobs: list[Job], settings: Settings) -> list[Result]:
+def run_shard(
+    jobs: list[Job], settings: Settings, carried: frozenset[int] = frozenset()
+) -> list[Result]:
     """On a worker: the asyncio pipeline over one shard, its CPU stage and its writes in
     threads (``placement``: a worker may not start a process pool, and OUT is a shared
-    file system)."""
+    file system). A shard format's shard is written here too (``write_shard``)."""
+    if settings.dataset.shards and jobs:
+        return write_shard(jobs, settings, carried)
+    return _run(jobs, settings, lambda result: result)
+
+
+def _run(jobs: list[Job], settings: Settings, keep: Callable[[Result], Result]) -> list[Result]:
     from .aio import run_pipeline
 
     results: list[Result] = []
     stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain
 
     def emit(result: Result) -> None:
-        results.append(result)
+        results.append(keep(result))
         if result.fault:
             stop.set(result.fault.cause)
 
     asyncio.run(run_pipeline(jobs, settings, emit, stop, placement(settings, "dask")))
-    if settings.dataset.shards and jobs:
-        return write_shard(jobs, results, settings)
     return results
 
 
-def write_shard(jobs: list[Job], results: list[Result], settings: Settings) -> list[Result]:
+def write_shard(jobs: list[Job], settings: Settings, carried: frozenset[int]) -> list[Result]:
     """On a worker: a shard format's shard, written whole here (the client only writes the
-    manifest); the rows this run does not fetch again are carried over from the committed
-    shard it replaces. The Results go back without their samples, or all marked with the
-    storage fault that kept the shard from being written."""
+    manifest). Each sample goes to the shard's temp file as it is made (the worker holds
+    no shard in memory); the rows the client's plan does not fetch again (``carried``) are
+    copied from the committed shard this one replaces. The Results go back without their
+    samples, or all marked with the storage fault that kept the shard from being written."""
     dataset = settings.dataset
-    fetched = {job.index for job in jobs}
     shard = jobs[0].index // dataset.samples_per_shard
-    lean = [dataclasses.replace(r, sample=None) for r in results]
-    if any(r.fault for r in results):
-        return lean
     # A URL store's temp files go to this worker's own disk, removed with the task.
     scratch = Path(tempfile.mkdtemp(prefix="downloader-shard-")) if settings.store else None
     try:
         store = store_for(settings.out, settings.store, scratch)
         writer = ShardWriter(store, shard, dataset.output_format, bool(dataset.caption_col))
         try:
-            writer.seed(lambda index: index not in fetched)
-            for result in results:
-                sample = result.sample
-                data, ext = (sample.data, sample.ext) if sample else (None, ".jpg")
-                writer.add(result, data, ext)
-            writer.commit()
+            writer.seed(carried.__contains__)
+
+            def take(result: Result) -> Result:
+                """The sample into the shard, the Result back without it."""
+                lean = dataclasses.replace(result, sample=None)
+                if result.fault:
+                    return lean
+                try:
+                    writer.add(result)
+                except OSError as exc:
+                    return dataclasses.replace(lean, fault=shard_fault(exc, settings.out))
+                return lean
+
+            results = _run(jobs, settings, take)
+            if not any(r.fault for r in results):
+                writer.commit()
+            else:
+                writer.abort()
         except BaseException:
             writer.abort()
             raise
     except OSError as exc:
         fault = shard_fault(exc, settings.out)
-        return [dataclasses.replace(r, fault=fault) for r in lean]
+        return [dataclasses.replace(r, sample=None, fault=fault) for r in _unwritten(jobs)]
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return lean
+    return results
+
+
+def _unwritten(jobs: list[Job]) -> list[Result]:
+    """Results for a shard that could not be written: each job failed (never recorded:
+    the fault stops the run, and --resume fetches them again)."""
+    return [Result(index=job.index, url=job.url, status="failed") for job in jobs]
 
 
 def check_out(out: str, url: str = "") -> str | None:
@@ -115,7 +136,23 @@ def check_out(out: str, url: str = "") -> str | None:
 
 class DaskBackend:
     name = "dask"
-    writes_shards = True  # a shard format's shards are written by the workers
+
+    def __init__(self) -> None:
+        self._carried: dict[int, frozenset[int]] = {}  # shard -> its carried rows
+
+    def carry(self, indices: Iterable[int], samples_per_shard: int) -> None:
+        """The rows earlier runs recorded that this run does not fetch again (kept by
+        --resume, or beyond its -n): a shard rewritten by a worker carries them over, and
+        only them (a fresh run into a folder of old shards carries none)."""
+        by_shard: dict[int, set[int]] = {}
+        for index in indices:
+            by_shard.setdefault(index // samples_per_shard, set()).add(index)
+        self._carried = {shard: frozenset(rows) for shard, rows in by_shard.items()}
+
+    def _carried_in(self, chunk: list[Job], settings: Settings) -> frozenset[int]:
+        if not settings.dataset.shards or not chunk:
+            return frozenset()
+        return self._carried.get(chunk[0].index // settings.dataset.samples_per_shard, frozenset())
 
     def run(self, jobs: Iterable[Job], settings: Settings, emit: Emit, stop: StopToken) -> None:
         """A stop sends no more shards; the shards already on a worker finish (each request
@@ -125,15 +162,20 @@ class DaskBackend:
             in_flight = 2 * max(1, sum(client.nthreads().values()))
             shards = _chunks(jobs, settings)
             pending = as_completed()
+
+            def submit(chunk: list[Job]) -> None:
+                carried = self._carried_in(chunk, settings)
+                pending.add(client.submit(run_shard, chunk, settings, carried, pure=False))
+
             for first in itertools.islice(shards, 0 if stop.is_set() else in_flight):
-                pending.add(client.submit(run_shard, first, settings, pure=False))
+                submit(first)
             for future in pending:
                 for result in future.result():
                     emit(result)
                 future.release()
                 shard = None if stop.is_set() else next(shards, None)
                 if shard is not None:
-                    pending.add(client.submit(run_shard, shard, settings, pure=False))
+                    submit(shard)
 
     @staticmethod
     @contextlib.contextmanager
