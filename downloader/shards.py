@@ -267,7 +267,7 @@ def _write_parquet(
     pa = need_pyarrow()
     import pyarrow.parquet as pq
 
-    schema = _schema(pa, rows)
+    schema, texts = _schema(pa, rows)
     if images is not None:
         schema = schema.append(pa.field(images[0], pa.binary()))
     try:
@@ -275,6 +275,8 @@ def _write_parquet(
             for start in range(0, max(len(rows), 1), ROW_GROUP):
                 chunk = rows[start : start + ROW_GROUP]
                 columns = {name: [r.get(name) for r in chunk] for name in schema.names}
+                for name in texts:
+                    columns[name] = [_as_text(v) for v in columns[name]]
                 if images is not None and spool is not None:
                     columns[images[0]] = [
                         _read(spool, *at) for at in images[1][start : start + ROW_GROUP]
@@ -285,29 +287,37 @@ def _write_parquet(
         raise
 
 
-def _schema(pa: Any, rows: list[dict[str, Any]]) -> Any:
-    """The metadata schema: types inferred over every row (a column that is None in the
-    first rows still gets its type), ours fixed."""
-    fixed = {
-        "url": pa.string(), "caption": pa.string(), "key": pa.string(),
-        "status": pa.string(), "error_message": pa.string(), "width": pa.int64(),
-        "height": pa.int64(), "original_width": pa.int64(), "original_height": pa.int64(),
-        "sha256": pa.string(),
-    }  # fmt: skip
-    names = list(rows[0]) if rows else list(fixed)
-    inferred = (
-        pa.Table.from_pylist([{k: v for k, v in r.items() if k not in fixed} for r in rows]).schema
-        if rows
-        else pa.schema([])
-    )
-    fields = []
+_FIXED = {
+    "url": "string", "caption": "string", "key": "string", "status": "string",
+    "error_message": "string", "width": "int64", "height": "int64",
+    "original_width": "int64", "original_height": "int64", "sha256": "string",
+}  # fmt: skip
+
+
+def _schema(pa: Any, rows: list[dict[str, Any]]) -> tuple[Any, set[str]]:
+    """The metadata schema, ours fixed and each input column's type inferred over every
+    row (a column that is None in the first rows still gets its type); a column whose rows
+    disagree (1 here, "a" there) is text, and its values are written as JSON text: the
+    second set."""
+    names = list(rows[0]) if rows else list(_FIXED)
+    fields, texts = [], set()
     for name in names:
-        if name in fixed:
-            fields.append(pa.field(name, fixed[name]))
-        else:
-            kind = inferred.field(name).type if name in inferred.names else pa.null()
-            fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
-    return pa.schema(fields)
+        if name in _FIXED:
+            fields.append(pa.field(name, getattr(pa, _FIXED[name])()))
+            continue
+        try:
+            kind = pa.array([r.get(name) for r in rows]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+            kind = None
+            texts.add(name)
+        fields.append(
+            pa.field(name, pa.string() if kind is None or pa.types.is_null(kind) else kind)
+        )
+    return pa.schema(fields), texts
+
+
+def _as_text(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
 def _read(spool: IO[bytes], offset: int, length: int) -> bytes | None:

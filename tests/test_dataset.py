@@ -581,3 +581,18 @@ def test_a_fresh_run_into_old_shards_carries_none_of_their_rows(
     assert sorted(m["key"] for m in metas) == [f"{i:09d}" for i in range(5)]
     assert all("/img/3" in m["url"] for m in metas)
     assert sorted(r["index"] for r in records(out)) == list(range(5))
+
+
+def test_a_column_whose_rows_disagree_on_its_type_is_text_in_the_metadata(
+    site: Site, tmp_path: Path
+) -> None:
+    urls = tmp_path / "urls.jsonl"
+    values = [1, "one", {"a": 2}]
+    urls.write_text("".join(json.dumps({"url": site.url("img", 70 + i), "v": v}) + "\n"
+                            for i, v in enumerate(values)))  # fmt: skip
+    settings = dataset_settings("threads", tmp_path / "out", urls, output_format="webdataset",
+                                caption_col="", save_additional_columns="v")  # fmt: skip
+    assert run(settings).ok == 3
+    table = pq.read_table(tmp_path / "out" / "00000.parquet")
+    assert table.schema.field("v").type == pa.string()
+    assert sorted(table.column("v").to_pylist()) == sorted(["1", "one", '{"a": 2}'])
