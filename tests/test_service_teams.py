@@ -278,10 +278,13 @@ async def test_a_webhook_to_a_private_address_is_refused(
     hooks, url = receiver
     client = await service_client(tmp_path / "data")
     try:
-        for bad in (url, "http://localhost:9/x", "ftp://example.com/", "nope", 7):
+        garbage = ("http://[::1", f"http://{'a' * 64}.example/", "http://\u00ff\u2028/")
+        for bad in (url, "http://localhost:9/x", "ftp://example.com/", "nope", 7, *garbage):
             response = await client.post("/api/v1/jobs", json={**SMALL, "webhook": bad})
             assert response.status == 400, bad
             assert "webhook" in (await response.json())["error"]
+        refused = await client.post("/api/v1/jobs", json={**SMALL, "webhook": url})
+        assert "--allow-private" in (await refused.json())["error"]
 
         async def passes(url: Any, allow_private: bool) -> Any:
             return url

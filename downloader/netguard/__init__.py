@@ -122,16 +122,21 @@ def parse_ip(text: str) -> IPAddress | None:
         return None
 
 
-def refuse_literal(host: str, check: Check = check_address) -> None:
-    """Raise ``AddressRefusedError`` when ``host`` is an IP address ``check`` refuses."""
+def refuse_literal(host: str, check: Check = check_address, why: str = WHY) -> None:
+    """Raise ``AddressRefusedError`` when ``host`` is an IP address ``check`` refuses;
+    ``why``: the rule, as the refusal names it."""
     ip = parse_ip(host)
     reason = check(ip) if ip is not None else None
     if reason:
-        raise AddressRefusedError(f"refused: {reason} ({WHY})")
+        raise AddressRefusedError(f"refused: {reason} ({why})")
 
 
 def allowed(
-    host: str, candidates: Iterable[T], address: Callable[[T], str], check: Check = check_address
+    host: str,
+    candidates: Iterable[T],
+    address: Callable[[T], str],
+    check: Check = check_address,
+    why: str = WHY,
 ) -> list[T]:
     """The ``candidates`` (what ``host`` resolved to) whose address ``check`` passes.
 
@@ -150,6 +155,6 @@ def allowed(
     if kept:
         return kept
     if first is None:
-        raise AddressRefusedError(f"refused: {host} resolved to no address ({WHY})")
+        raise AddressRefusedError(f"refused: {host} resolved to no address ({why})")
     via = "" if parse_ip(host) is not None else f"{host}: "
-    raise AddressRefusedError(f"refused: {via}{first} ({WHY})")
+    raise AddressRefusedError(f"refused: {via}{first} ({why})")

@@ -67,6 +67,9 @@ class Delivery:
     give_up_at: float  # time.time()
 
 
+PUBLIC_ONLY = "a webhook reaches only public addresses unless the service runs with --allow-private"
+
+
 def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
@@ -75,25 +78,27 @@ async def check_url(url: Any, allow_private: bool) -> str:
     """A job's ``webhook`` as given, or a ``ConfigError`` (the API's 400) saying why not."""
     if not isinstance(url, str) or len(url) > MAX_URL:
         raise ConfigError(f"webhook must be an http(s) URL of at most {MAX_URL} characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"webhook must be an http(s) URL, got {url!r}")
     try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"webhook has a bad port: {url!r}") from None
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+        if host:
+            host.encode("idna")  # empty or over-long labels, characters a name cannot hold
+    except (ValueError, UnicodeError):
+        raise ConfigError(f"webhook is not a valid URL: {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"webhook must be an http(s) URL, got {url!r}")
     if allow_private:
         return url
     try:
-        refuse_literal(parts.hostname)
+        refuse_literal(host, why=PUBLIC_ONLY)
         infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, port or 80, type=socket.SOCK_STREAM
+            host, port or 80, type=socket.SOCK_STREAM
         )
-        allowed(parts.hostname, infos, lambda info: str(info[4][0]))
+        allowed(host, infos, lambda info: str(info[4][0]), why=PUBLIC_ONLY)
     except AddressRefusedError as exc:
         raise ConfigError(f"webhook {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"webhook: cannot resolve {parts.hostname}: {exc}") from None
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"webhook: cannot resolve {host}: {exc}") from None
     return url
 
 
