@@ -41,11 +41,14 @@ def run(
     observer: Observer | None = None,
     keep_results: bool = True,
     stop: StopToken | None = None,
+    keep_spans: bool = True,
 ) -> Report:
     """Download what ``settings`` asks for. Raises ``ConfigError``/``StorageError`` for bad
     settings (``OutputInUseError`` when another run holds OUT); per-image failures are in
     the report, never raised. Setting ``stop`` (from any thread), Ctrl-C or SIGTERM stops
-    the run cleanly: the report says ``interrupted``."""
+    the run cleanly: the report says ``interrupted``. ``keep_spans``: with
+    ``settings.timeline``, the report keeps every span (off when the observer stores them
+    itself, as a service job does: a report of 10^5 images then holds none)."""
     stop = stop if stop is not None else StopToken()
     if settings.local and settings.http.block_private:
         # Every URL of a local run points at its own built-in server, on loopback.
@@ -61,7 +64,10 @@ def run(
         prepare = getattr(backend, "prepare", None)
         if prepare is not None:
             prepare(settings)  # e.g. boot worker processes while OUT and the manifest are read
-        return _run_locked(backend, settings, store, observer, keep_results, stop)
+        return _run_locked(
+            backend, settings, store, observer, stop, keep_results=keep_results,
+            keep_spans=keep_spans,
+        )  # fmt: skip
 
 
 def _run_locked(
@@ -69,8 +75,10 @@ def _run_locked(
     settings: Settings,
     store: Store,
     observer: Observer | None,
-    keep_results: bool,
     stop: StopToken,
+    *,
+    keep_results: bool,
+    keep_spans: bool,
 ) -> Report:
     prepare_out(settings.out)
     report = Report(backend.name)
@@ -79,7 +87,9 @@ def _run_locked(
         report.skipped = len(plan.kept)
         with ManifestWriter(settings.out, plan.lines, plan.stale.values()) as manifest:
             shards = _shards(settings, backend, plan, store)
-            record = Recorder(manifest, report, observer, keep_results, stop, shards)
+            record = Recorder(
+                manifest, report, observer, keep_results, keep_spans, stop, shards
+            )
             usage = _Usage()
             if settings.unique:
                 outcome = unique.run_rounds(backend, source, settings, plan, record, stop)

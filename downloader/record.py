@@ -39,6 +39,7 @@ class Recorder:
     report: Report
     observer: Observer | None = None
     keep_results: bool = True
+    keep_spans: bool = True
     stop: StopToken | None = None
     shards: ShardSet | None = None  # a shard format: samples go there before their line
     # When the run began, on the spans' clock (Settings.timeline): they are kept relative to it.
@@ -63,7 +64,7 @@ class Recorder:
                     self.stop.set(str(exc))
             return
         self.report.add(result)
-        if result.spans:
+        if result.spans and self.keep_spans:
             self.report.spans.extend(span.shifted(self.origin) for span in result.spans)
         if self.keep_results:
             self.report.results.append(result)

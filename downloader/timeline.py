@@ -10,6 +10,7 @@ no span is made and a Result's ``spans`` stays the empty tuple.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -211,12 +212,25 @@ class SpanLog:
             self._file.close()
 
 
-def read_log(path: Path, after: int = 0) -> list[dict[str, Any]]:
-    """The spans of a ``SpanLog`` file from line ``after`` on; a line still being written
-    (no newline yet) is left for the next read."""
+MAX_PAGE = 5000  # spans in one answer: a page that polls gets the rest next time
+
+
+def read_log(path: Path, after: int = 0, limit: int = MAX_PAGE) -> tuple[list[dict[str, Any]], int]:
+    """At most ``limit`` spans of a ``SpanLog`` file from byte ``after`` on, and the cursor
+    where what was read ends, so a page polling a long job reads each span once. A line
+    still being written (no newline yet) is left for the next read; a line that does not
+    parse (a disk that filled up mid-line) is passed over."""
+    spans: list[dict[str, Any]] = []
+    at = after
     try:
-        text = path.read_text("utf-8")
+        with path.open("rb") as fh:
+            fh.seek(after)
+            for line in fh:
+                if not line.endswith(b"\n") or len(spans) >= limit:
+                    break
+                at += len(line)
+                with contextlib.suppress(ValueError):
+                    spans.append(json.loads(line))
     except FileNotFoundError:
-        return []
-    whole = text.splitlines(keepends=True)
-    return [json.loads(line) for line in whole[after:] if line.endswith("\n")]
+        pass
+    return spans, at

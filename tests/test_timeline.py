@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import invoke, unavailable
+from helpers import ImageServer, invoke, make_settings, unavailable
 
 from downloader.cli import main
+from downloader.pipeline import run
 from downloader.timeline import Laps, Span, busy_s, cpu_use, most_at_once
 
 
@@ -144,3 +145,17 @@ def test_a_bad_timeline_file_is_one_line(tmp_path: Path, name: str, fragment: st
     )
     assert result.exit_code == 2 and fragment in result.stderr
     assert "Traceback" not in result.output + result.stderr
+
+
+def test_a_run_whose_observer_keeps_the_spans_holds_none_in_its_report(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        "asyncio", tmp_path / "out", image_server.base + "/{width}/{height}?lock={i}", 3
+    )
+    settings = settings.replace(timeline=True)
+    assert len(run(settings, keep_results=False).spans) == 9
+    kept_elsewhere = run(
+        settings.replace(out=tmp_path / "again"), keep_results=False, keep_spans=False
+    )
+    assert kept_elsewhere.ok == 3 and kept_elsewhere.spans == []

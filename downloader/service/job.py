@@ -73,7 +73,7 @@ def _run(spec_path: Path, out: Path) -> int:
     # Spans for the job's page (its timeline): a few microseconds an image.
     settings = job_settings(values, out, urls).replace(timeline=True)
     with SpanLog(out / TIMELINE) as spans:
-        report = run(settings, spans, keep_results=False, stop=STOP)
+        report = run(settings, spans, keep_results=False, stop=STOP, keep_spans=False)
     end = JobEnd(report.summary(), report.images_per_s, report.note)
     print(end.to_json(), flush=True)
     if report.fault:  # the job ends failed, with this line as its error

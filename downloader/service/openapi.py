@@ -303,7 +303,8 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/jobs/{id}/timeline": {
             "get": {
-                "summary": "The spans (wait, cpu, write) of the job's latest run, from ?after=N.",
+                "summary": "The spans (wait, cpu, write) of the job's latest run, after the "
+                "cursor ?after=NEXT (the last answer's next), at most ?limit=N at a time.",
                 "parameters": [
                     _ID,
                     {
@@ -311,6 +312,12 @@ def _paths() -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1},
                     },
                 ],
                 "responses": {

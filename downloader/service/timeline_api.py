@@ -1,7 +1,7 @@
 """``GET /api/v1/jobs/{id}/timeline``: the spans of a job's latest run (wait, cpu and
 write of each image, with its process, thread and task), as the job's run writes them, so
-the page draws the job's concurrency live. ``?after=N`` skips the first N spans (a page
-that polls asks only for what is new)."""
+the page draws the job's concurrency live. ``next`` is a cursor: ``?after=NEXT`` answers
+only what came since (a page that polls reads each span once); ``?limit=N`` pages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 
 from aiohttp import web
 
-from ..timeline import read_log
+from ..timeline import MAX_PAGE, read_log
 from .job import TIMELINE
 from .keys import SETTINGS
 from .views import ApiError, job_row
@@ -20,12 +20,18 @@ routes = web.RouteTableDef()
 @routes.get("/api/v1/jobs/{id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     row = job_row(request)
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        raise ApiError(400, "after must be an integer") from None
-    if after < 0:
-        raise ApiError(400, "after must be 0 or more")
+    after = _number(request, "after", 0, 0)
+    limit = _number(request, "limit", MAX_PAGE, 1)
     path = request.app[SETTINGS].service.data / "jobs" / row.id / TIMELINE
-    spans = await asyncio.to_thread(read_log, path, after)
-    return web.json_response({"spans": spans, "next": after + len(spans), "state": row.state})
+    spans, cursor = await asyncio.to_thread(read_log, path, after, min(limit, MAX_PAGE))
+    return web.json_response({"spans": spans, "next": cursor, "state": row.state})
+
+
+def _number(request: web.Request, name: str, default: int, low: int) -> int:
+    try:
+        value = int(request.query.get(name, str(default)))
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+    if value < low:
+        raise ApiError(400, f"{name} must be {low} or more")
+    return value
