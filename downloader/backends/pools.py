@@ -50,14 +50,16 @@ def cpu_executor(kind: CpuPlace) -> Iterator[Executor | None]:
 
 
 @contextlib.contextmanager
-def sync_cpu_stage(settings: Settings, where: Placement) -> Iterator[CpuStage | None]:
+def sync_cpu_stage(settings: Settings, where: Placement) -> Iterator[CpuStage]:
     """For a backend whose jobs run in threads or processes of their own (``handle_sync``):
-    the CPU stage in the pool ``where.cpu`` names, as a call that waits on it, or None
-    (inline). Such a backend writes in the job's own thread or process."""
+    the CPU stage in the pool ``where.cpu`` names, as a call that waits on it, or inline
+    (built once, not for every image). Such a backend writes in the job's own thread or
+    process."""
     if where.write != "inline":
         raise ValueError(f"handle_sync writes inline, not in a {where.write}")
+    stage = cpu_stage(settings)
     with cpu_executor(where.cpu) as pool:
-        yield None if pool is None else functools.partial(_in_pool, pool, cpu_stage(settings))
+        yield stage if pool is None else functools.partial(_in_pool, pool, stage)
 
 
 def _in_pool(pool: Executor, stage: CpuStage, data: bytes) -> ImageInfo:
