@@ -23,6 +23,7 @@ import json
 import tarfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -337,7 +338,9 @@ class ShardSet:
     ``--resume``, or beyond its -n): a shard this run adds to is rewritten with them, their
     samples copied from the shard it replaces. ``total``: the number of input rows, when
     known: a shard commits as soon as every row of its range has a result; the rest commit
-    at ``close``.
+    at ``close``. A commit (its fsyncs, or its upload) runs on a thread of its own, so the
+    downloads in flight do not wait for it; one that fails is raised by the next ``add``
+    or by ``close``.
     """
 
     def __init__(
@@ -358,10 +361,12 @@ class ShardSet:
             self._prior.setdefault(index // size, {})[index] = record
         self._open: dict[int, ShardWriter] = {}
         self._done: dict[int, int] = {}
-        self.committed: list[str] = []
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="shard-commit")
+        self._commits: list[Future[None]] = []
 
     def add(self, result: Result) -> None:
         """Put ``result`` in its shard (opened on first use); commit a full shard."""
+        self._reap(wait=False)
         shard = result.index // self.size
         writer = self._open.get(shard) or self._start(shard)
         writer.add(result)
@@ -390,19 +395,39 @@ class ShardSet:
         return writer
 
     def _commit(self, shard: int) -> None:
-        writer = self._open.pop(shard)
-        try:
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        self.committed.append(writer.name)
+        self._commits.append(self._committer.submit(_commit_whole, self._open.pop(shard)))
+
+    def _reap(self, wait: bool) -> None:
+        """Raise the error of a commit that failed (the first); forget those done."""
+        pending = []
+        for future in self._commits:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._commits = pending
 
     def close(self, commit: bool = True) -> None:
         """Commit every open shard (a run that ended or was interrupted: a resumed run
-        rewrites it whole), or, after a storage fault, throw them away."""
-        for shard in sorted(self._open):
+        rewrites it whole) and wait for every commit; or, after a storage fault, throw the
+        open ones away (the commits under way finish, their errors unheard)."""
+        try:
+            for shard in sorted(self._open):
+                if commit:
+                    self._commit(shard)
+                else:
+                    self._open.pop(shard).abort()
             if commit:
-                self._commit(shard)
+                self._reap(wait=True)
             else:
-                self._open.pop(shard).abort()
+                wait(self._commits)
+        finally:
+            self._committer.shutdown(wait=True)
+
+
+def _commit_whole(writer: ShardWriter) -> None:
+    try:
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import tarfile
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -596,3 +597,25 @@ def test_a_column_whose_rows_disagree_on_its_type_is_text_in_the_metadata(
     table = pq.read_table(tmp_path / "out" / "00000.parquet")
     assert table.schema.field("v").type == pa.string()
     assert sorted(table.column("v").to_pylist()) == sorted(["1", "one", '{"a": 2}'])
+
+
+def test_a_shard_commits_on_a_thread_of_its_own(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from downloader.shards import ShardWriter
+
+    threads: list[str] = []
+    commit = ShardWriter.commit
+
+    def recorded(self: ShardWriter) -> None:
+        threads.append(threading.current_thread().name)
+        commit(self)
+
+    monkeypatch.setattr(ShardWriter, "commit", recorded)
+    shards = DatasetSettings(output_format="webdataset", samples_per_shard=2)
+    url = site.url("img", 0).replace("/0", "/{i}")
+    assert run(make_settings("asyncio", tmp_path / "out", url, 5).replace(dataset=shards)).ok == 5
+    assert len(threads) == 3 and all(name.startswith("shard-commit") for name in threads)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
+        "00000.tar", "00001.tar", "00002.tar",
+    ]  # fmt: skip

@@ -38,6 +38,7 @@ from helpers import (
     run_cli,
     server_stats,
     tree_after_lines,
+    wait_for,
 )
 from moto.server import ThreadedMotoServer
 
@@ -351,6 +352,8 @@ class Sabotage:
     def result(self, result: object) -> None:
         self.seen += 1
         if self.seen == self.after:
+            # A shard commits on a thread of its own: the first one is whole before the store goes.
+            wait_for(lambda: (self.target / "00000.tar").is_file(), "the first shard")
             self.target.rename(self.target.with_name("moved"))
             self.target.write_text("not a folder")
 
