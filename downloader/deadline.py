@@ -49,7 +49,10 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class _TrackedHTTPConnection(HTTPConnection):
+class _Tracked(HTTPConnection):
+    """Reports each socket of a connection to ``request_deadline`` (plain and TLS alike:
+    the TLS connection below takes this first in its MRO)."""
+
     def _new_conn(self) -> socket.socket:
         # Recorded as soon as it is made: a proxy's CONNECT answer (read in connect(),
         # before the TLS handshake) is under the deadline too.
@@ -66,19 +69,12 @@ class _TrackedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _TrackedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _record(sock)
-        return sock
+class _TrackedHTTPConnection(_Tracked):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        _record(self.sock)
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _record(self.sock)
-        super().request(*args, **kwargs)
+class _TrackedHTTPSConnection(_Tracked, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):
