@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -132,9 +133,18 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
 def test_local_cluster_runs_the_pipeline(slow_server: str, tmp_path: Path) -> None:
     out = tmp_path / "pic"
     settings = make_settings("dask", out, slow_server + "/{width}/{height}?lock={i}", 30)
-    report = run(settings.replace(dask=DaskSettings(shard_size=7, workers=2)))
+    dask = DaskSettings(shard_size=7, workers=2)
+    report = run(settings.replace(dask=dask, timeline=True))
     assert (report.ok, report.failed) == (30, 0)
     assert sorted(r["index"] for r in records(out)) == list(range(30))
+    # The timeline's spans come back from the workers: every image's three phases, each
+    # measured in a worker process (one lane group per worker), none in this one.
+    phases: dict[int, set[str]] = {}
+    for span in report.spans:
+        phases.setdefault(span.index, set()).add(span.phase)
+    assert phases == {i: {"wait", "cpu", "write"} for i in range(30)}
+    workers = {span.process for span in report.spans}
+    assert 1 <= len(workers) <= 2 and os.getpid() not in workers
 
 
 def test_worker_that_cannot_write_out_is_reported(tmp_path: Path) -> None:
