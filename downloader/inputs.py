@@ -248,7 +248,15 @@ def _named_rows(
         if not isinstance(record, dict):
             yield Row("")
             continue
-        yield _row({w: record.get(keys.get(w, w)) for w in columns.wanted()}, columns)
+        yield _row({w: _lookup(record, keys.get(w, w)) for w in columns.wanted()}, columns)
+
+
+def _lookup(record: dict[str, Any], name: str) -> Any:
+    """``record[name]``, or under another case of it (a later object may spell it so)."""
+    if name in record:
+        return record[name]
+    lowered = name.lower()
+    return next((v for k, v in record.items() if str(k).lower() == lowered), None)
 
 
 def _chain_any(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -83,11 +83,17 @@ def shard_digests(path: Path | None, tar: bool) -> dict[str, str]:
         need_pyarrow()
         import pyarrow.parquet as pq
 
-        image = next(n for n in ("jpg", "png", "webp") if n in pq.read_schema(path).names)
-        table = pq.read_table(path, columns=["key", "sha256", image])
-        keys, digests = table.column("key").to_pylist(), table.column("sha256").to_pylist()
-        saved = table.column(image).is_valid().to_pylist()
-        return {k: d for k, d, ok in zip(keys, digests, saved, strict=True) if ok and d}
+        digests: dict[str, str] = {}
+        with pq.ParquetFile(path) as table:
+            image = next(n for n in ("jpg", "png", "webp") if n in table.schema_arrow.names)
+            columns = ["key", "sha256", image]
+            for batch in table.iter_batches(batch_size=ROW_GROUP, columns=columns):
+                keys, sums = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                saved = batch.column(2).is_valid().to_pylist()
+                digests.update(
+                    (k, d) for k, d, ok in zip(keys, sums, saved, strict=True) if ok and d
+                )
+        return digests
     except (OSError, tarfile.TarError, ValueError, KeyError, StopIteration):
         return {}  # unreadable: nothing in it is kept
 

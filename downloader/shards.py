@@ -18,6 +18,7 @@ from the old shard into the new one, which replaces it in one commit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import tarfile
@@ -283,6 +284,9 @@ def _write_parquet(
                         _read(spool, *at) for at in images[1][start : start + ROW_GROUP]
                     ]
                 writer.write_table(pa.table(columns, schema=schema))
+    except pa.ArrowException as exc:  # values pyarrow cannot write: the shard cannot commit
+        path.unlink(missing_ok=True)
+        raise OSError(errno.EINVAL, f"cannot write the metadata {path.name}: {exc}") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -310,11 +314,23 @@ def _schema(pa: Any, rows: list[dict[str, Any]]) -> tuple[Any, set[str]]:
             kind = pa.array([r.get(name) for r in rows]).type
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
             kind = None
+        if kind is None or _has_empty_struct(pa, kind):  # parquet cannot hold a struct<>
+            kind = None
             texts.add(name)
         fields.append(
             pa.field(name, pa.string() if kind is None or pa.types.is_null(kind) else kind)
         )
     return pa.schema(fields), texts
+
+
+def _has_empty_struct(pa: Any, kind: Any) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(
+            _has_empty_struct(pa, kind.field(i).type) for i in range(kind.num_fields)
+        )
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return bool(_has_empty_struct(pa, kind.value_type))
+    return False
 
 
 def _as_text(value: Any) -> str | None:

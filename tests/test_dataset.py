@@ -529,6 +529,9 @@ def test_json_keys_match_columns_as_a_csv_header_does(tmp_path: Path) -> None:
     assert [(r.url, r.caption) for r in got] == [("http://h/1.jpg", "one")]
     lines = list(read_rows(str(tmp_path / "a.jsonl"), "jsonl", Columns("url")))
     assert [r.url for r in lines] == ["http://h/2.jpg", "", "http://h/3.jpg"]
+    (tmp_path / "b.jsonl").write_text('{"URL": "http://h/4.jpg"}\n{"url": "http://h/5.jpg"}\n')
+    later = list(read_rows(str(tmp_path / "b.jsonl"), "jsonl", Columns("url")))
+    assert [r.url for r in later] == ["http://h/4.jpg", "http://h/5.jpg"]
     with pytest.raises(ConfigError, match=r"no 'link' column .*\(columns: URL\)"):
         read_rows(str(tmp_path / "a.jsonl"), "jsonl", Columns("link"))
 
@@ -584,11 +587,15 @@ def test_a_fresh_run_into_old_shards_carries_none_of_their_rows(
     assert sorted(r["index"] for r in records(out)) == list(range(5))
 
 
-def test_a_column_whose_rows_disagree_on_its_type_is_text_in_the_metadata(
-    site: Site, tmp_path: Path
+@pytest.mark.parametrize(
+    ("values", "texts"),
+    [([1, "one", {"a": 2}], ["1", "one", '{"a": 2}']), ([{}, {}, {}], ["{}", "{}", "{}"])],
+    ids=["types-disagree", "empty-objects"],
+)
+def test_a_column_parquet_cannot_type_is_text_in_the_metadata(
+    site: Site, tmp_path: Path, values: list[Any], texts: list[str]
 ) -> None:
     urls = tmp_path / "urls.jsonl"
-    values = [1, "one", {"a": 2}]
     urls.write_text("".join(json.dumps({"url": site.url("img", 70 + i), "v": v}) + "\n"
                             for i, v in enumerate(values)))  # fmt: skip
     settings = dataset_settings("threads", tmp_path / "out", urls, output_format="webdataset",
@@ -596,7 +603,7 @@ def test_a_column_whose_rows_disagree_on_its_type_is_text_in_the_metadata(
     assert run(settings).ok == 3
     table = pq.read_table(tmp_path / "out" / "00000.parquet")
     assert table.schema.field("v").type == pa.string()
-    assert sorted(table.column("v").to_pylist()) == sorted(["1", "one", '{"a": 2}'])
+    assert sorted(table.column("v").to_pylist()) == sorted(texts)
 
 
 def test_a_shard_commits_on_a_thread_of_its_own(

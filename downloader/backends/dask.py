@@ -62,9 +62,10 @@ def _run(jobs: list[Job], settings: Settings, keep: Callable[[Result], Result]) 
     stop = StopToken()  # a storage fault stops the shard at once: no fetching in vain
 
     def emit(result: Result) -> None:
-        results.append(keep(result))
-        if result.fault:
-            stop.set(result.fault.cause)
+        kept = keep(result)  # a shard's write may fail here: that stops the shard too
+        results.append(kept)
+        if kept.fault:
+            stop.set(kept.fault.cause)
 
     asyncio.run(run_pipeline(jobs, settings, emit, stop, placement(settings, "dask")))
     return results
