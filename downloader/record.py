@@ -10,7 +10,7 @@ from typing import Protocol
 from .errors import StorageFaultError
 from .manifest import ManifestWriter
 from .result import Report, Result
-from .shards import ShardSet, shard_fault
+from .shards import ShardSet, hand_over
 from .stop import StopToken
 
 
@@ -76,10 +76,6 @@ class Recorder:
         is written), and keep the Result without the sample: a report of 10^5 images holds
         no image bytes."""
         shards = self.shards
-        if shards is not None and not result.fault and self.manifest.fault is None:
-            try:
-                shards.add(result)
-            except OSError as exc:
-                fault = shard_fault(exc, shards.out)
-                return dataclasses.replace(result, sample=None, fault=fault)
-        return dataclasses.replace(result, sample=None)
+        if shards is None or self.manifest.fault is not None:
+            return dataclasses.replace(result, sample=None)
+        return hand_over(shards.add, result, shards.out)

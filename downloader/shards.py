@@ -18,6 +18,7 @@ from the old shard into the new one, which replaces it in one commit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import io
 import json
@@ -79,6 +80,20 @@ def metadata_row(result: Result, caption: bool) -> dict[str, Any]:
         sha256=result.sha256,
     )
     return row
+
+
+def hand_over(add: Callable[[Result], None], result: Result, out: Path) -> Result:
+    """``add`` the row to its shard (a ``ShardSet``'s or a ``ShardWriter``'s); the Result
+    back without its sample (whoever keeps Results keeps no image bytes), or marked with
+    the storage fault that kept it out of the shard."""
+    lean = dataclasses.replace(result, sample=None)
+    if result.fault:
+        return lean
+    try:
+        add(result)
+    except OSError as exc:
+        return dataclasses.replace(lean, fault=shard_fault(exc, out))
+    return lean
 
 
 def shard_fault(exc: OSError, out: Path) -> StorageFault:

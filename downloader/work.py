@@ -78,11 +78,12 @@ def handle_sync(
     session: requests.Session,
     job: Job,
     settings: Settings,
-    cpu: CpuStage | None = None,
+    cpu: CpuStage,
     gate: HostGate | None = None,
     stop: StopToken | None = None,
 ) -> Result:
-    """Run one job to completion with requests; thumbnails inline unless ``cpu`` is given.
+    """Run one job to completion with requests; ``cpu`` is the CPU stage, inline or a call
+    that waits on a pool (``pools.sync_cpu_stage``).
     Once ``stop`` is set, its request is cut short and no retry waits."""
     from .deadline import cut_short_by  # requests' world: the asyncio backends never load it
 
@@ -97,7 +98,7 @@ def handle_sync(
             )
         if laps is not None:
             laps.next()
-        info = (cpu or cpu_stage(settings))(fetched.data)
+        info = cpu(fetched.data)
         if laps is not None:
             laps.next(info.ran)
         saved = _plan(settings, job, fetched, info)

@@ -34,7 +34,7 @@ from ..jobs import Job
 from ..placement import placement
 from ..result import Result
 from ..settings import Settings
-from ..shards import ShardWriter, shard_fault
+from ..shards import ShardWriter, hand_over, shard_fault
 from ..stop import StopToken
 from ..storage import check_writable
 from ..stores import store_for
@@ -86,19 +86,7 @@ def write_shard(jobs: list[Job], settings: Settings, carried: frozenset[int]) ->
         writer = ShardWriter(store, shard, dataset.output_format, bool(dataset.caption_col))
         try:
             writer.seed(carried.__contains__)
-
-            def take(result: Result) -> Result:
-                """The sample into the shard, the Result back without it."""
-                lean = dataclasses.replace(result, sample=None)
-                if result.fault:
-                    return lean
-                try:
-                    writer.add(result)
-                except OSError as exc:
-                    return dataclasses.replace(lean, fault=shard_fault(exc, settings.out))
-                return lean
-
-            results = _run(jobs, settings, take)
+            results = _run(jobs, settings, lambda r: hand_over(writer.add, r, settings.out))
             if not any(r.fault for r in results):
                 writer.commit()
             else:

@@ -53,6 +53,7 @@ def _run_chunk(jobs: list[Job]) -> list[Result]:
     run is stopping, and ``--resume`` fetches them), rather than fetch them in vain."""
     global _fault
     assert _session is not None and _settings is not None, "worker not initialised"
+    assert _cpu is not None, "worker not initialised"
     results = []
     for job in jobs:
         if _fault is not None:

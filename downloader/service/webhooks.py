@@ -32,6 +32,7 @@ from tenacity import wait_random_exponential as backoff
 
 from .. import __version__
 from ..errors import ConfigError
+from ..jobs import check_url as url_problem
 from ..netguard import AddressRefusedError, allowed, refuse_literal
 from ..netguard.aio import GuardedConnector
 from ..settings import ServiceSettings
@@ -78,15 +79,11 @@ async def check_url(url: Any, allow_private: bool) -> str:
     """A job's ``webhook`` as given, or a ``ConfigError`` (the API's 400) saying why not."""
     if not isinstance(url, str) or len(url) > MAX_URL:
         raise ConfigError(f"webhook must be an http(s) URL of at most {MAX_URL} characters")
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-        if host:
-            host.encode("idna")  # empty or over-long labels, characters a name cannot hold
-    except (ValueError, UnicodeError):
-        raise ConfigError(f"webhook is not a valid URL: {url!r}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ConfigError(f"webhook must be an http(s) URL, got {url!r}")
+    problem = url_problem(url)  # the door an image's URL goes through
+    if problem:
+        raise ConfigError(f"webhook: {problem}")
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port
     if allow_private:
         return url
     try:
