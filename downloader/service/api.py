@@ -18,7 +18,7 @@ from ..storage import MANIFEST, is_component, is_thumbnail_path
 from .keys import FEEDS, LOGINS, RUNNER, SETTINGS, STORE
 from .spec import JobSpec, check_priority, parse_body, split_extras, with_block_private
 from .store import STATES, JobRow
-from .views import ApiError, job_row, job_view, json_text, refuse_a_guesser
+from .views import ApiError, job_row, job_view, json_text, query_int, refuse_a_guesser
 from .webhooks import check_url
 
 COOKIE = "downloader_token"
@@ -96,14 +96,8 @@ async def _read_json(request: web.Request) -> Any:
 
 @routes.get("/api/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    query = request.query
-    try:
-        limit = int(query.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "limit must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise ApiError(400, "limit must be 1 to 1000")
-    state = query.get("state") or None
+    limit = query_int(request, "limit", 100, 1, 1000)
+    state = request.query.get("state") or None
     if state is not None and state not in STATES:
         raise ApiError(400, f"state must be one of {', '.join(STATES)}")
     rows = request.app[STORE].jobs(limit, state)

@@ -12,7 +12,7 @@ from aiohttp import web
 from ..timeline import MAX_PAGE, read_log
 from .job import TIMELINE
 from .keys import SETTINGS
-from .views import ApiError, job_row
+from .views import job_row, query_int
 
 routes = web.RouteTableDef()
 
@@ -20,18 +20,9 @@ routes = web.RouteTableDef()
 @routes.get("/api/v1/jobs/{id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     row = job_row(request)
-    after = _number(request, "after", 0, 0)
-    limit = _number(request, "limit", MAX_PAGE, 1)
+    after = query_int(request, "after", 0, 0)
+    limit = query_int(request, "limit", MAX_PAGE, 1)
     path = request.app[SETTINGS].service.data / "jobs" / row.id / TIMELINE
     spans, cursor = await asyncio.to_thread(read_log, path, after, min(limit, MAX_PAGE))
     return web.json_response({"spans": spans, "next": cursor, "state": row.state})
 
-
-def _number(request: web.Request, name: str, default: int, low: int) -> int:
-    try:
-        value = int(request.query.get(name, str(default)))
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer") from None
-    if value < low:
-        raise ApiError(400, f"{name} must be {low} or more")
-    return value

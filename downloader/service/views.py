@@ -64,3 +64,17 @@ def refuse_a_guesser(request: web.Request) -> None:
         raise ApiError(
             429, f"too many wrong tokens; try again in {wait} s", **{"Retry-After": str(wait)}
         )
+
+
+def query_int(
+    request: web.Request, name: str, default: int, low: int, high: int | None = None
+) -> int:
+    """The integer query parameter ``name`` (``default`` when absent), or a 400 saying why."""
+    try:
+        value = int(request.query.get(name, str(default)))
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"{low} or more" if high is None else f"{low} to {high}"
+        raise ApiError(400, f"{name} must be {bounds}")
+    return value
